@@ -1,0 +1,193 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+    report = qtool.inspect("model.onnx")
+    table = qtool.calibrate("model.onnx", "calib.npz")
+    result = qtool.quantize("model.onnx", "model.int8.onnx", table=table)
+    report = qtool.evaluate("model.onnx", "model.int8.onnx", "eval.npz")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from . import model as model_io
+from .calib.table import CalibrationTable, TensorStats
+from .config import CalibrateOptions, EvalOptions, QuantizeOptions
+from .data import Dataset, InputSpec, check_against_model
+from .errors import DataError, QtoolError, TableError
+from .plans import Plan
+from .prepare import Prepared, prepare
+
+
+def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None):
+    """Describe a model: IO, opsets, parameters, size, MACs, what would be quantized."""
+    from .inspection import inspect_model
+    from .planner import plan as make_plan
+    p = prepare(model)
+    raw = model_io.load(model, load_external=False)
+    size = _size_on_disk(model)
+    return inspect_model(raw, str(model), size, make_plan(p.model, QuantizeOptions()), shapes, p.notes)
+
+
+def _size_on_disk(path) -> int:
+    """Model file plus its external data files."""
+    p = Path(path)
+    m = model_io.load(p, load_external=False)
+    total = p.stat().st_size
+    locations = set()
+    for t in m.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    for loc in locations:
+        f = p.parent / loc
+        if f.exists():
+            total += f.stat().st_size
+    return total
+
+
+def model_inputs(m) -> list[InputSpec]:
+    from onnx import helper
+    from .graph import GraphView, tensor_shape
+    view = GraphView(m)
+    specs = []
+    for name in view.graph_inputs:
+        vi = view.value_info[name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        specs.append(InputSpec(name, tensor_shape(vi) or (), dtype))
+    return specs
+
+
+def open_data(data, m) -> Dataset:
+    ds = data if isinstance(data, Dataset) else Dataset(data)
+    check_against_model(ds, model_inputs(m))
+    return ds
+
+
+def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
+         options: QuantizeOptions = QuantizeOptions(), method: str | None = None) -> Plan:
+    """The quantization plan; with a table, activation parameters are filled in."""
+    from .planner import apply_table, plan as make_plan
+    p = prepare(model)
+    result = make_plan(p.model, options, p.notes)
+    if table is None:
+        return result
+    table = _load_table(table, p)
+    return apply_table(result, table_ranges(table, method))
+
+
+def _load_table(table, p: Prepared) -> CalibrationTable:
+    if not isinstance(table, CalibrationTable):
+        table = CalibrationTable.load(table)
+    if table.model_sha256 != p.sha256:
+        raise TableError("calibration table was made for another model (sha256 differs); calibrate this model again")
+    return table
+
+
+def table_ranges(table: CalibrationTable, method: str | None = None) -> dict[str, tuple[float, float]]:
+    """Ranges from the table, or re-derived from its histograms for another method."""
+    if method is None or method == table.method:
+        return table.ranges()
+    from .calib.methods import derive_range
+    return {name: derive_range(stats, method, table.params) for name, stats in table.tensors.items()}
+
+
+def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOptions(),
+              quantize_options: QuantizeOptions = QuantizeOptions(),
+              on_batch: Callable[[int], None] | None = None, threads: int | None = None) -> CalibrationTable:
+    """Stream ``data`` through the model and reduce the tensors the planner will quantize."""
+    from .calib.collect import collect
+    from .calib.methods import finish
+    from .calib.observers import make_observer
+    from .planner import plan as make_plan
+    p = prepare(model)
+    ds = open_data(data, p.model)
+    tensors = make_plan(p.model, quantize_options, p.notes).activations_to_calibrate()
+    batch_size = _batch_size(p.model, options.batch_size)
+    observers, samples, batches = collect(p.model, tensors, ds.batches(batch_size, options.limit),
+                                          lambda: make_observer(options), on_batch, threads)
+    stats = {name: finish(obs, options) for name, obs in observers.items()}
+    return CalibrationTable(p.sha256, options.method, _method_params(options), samples, batches, stats,
+                            __version__, notes=p.notes)
+
+
+def _method_params(o: CalibrateOptions) -> dict:
+    params = {"symmetric": o.symmetric, "batch_size": o.batch_size}
+    if o.method == "minmax":
+        params.update(moving_average=o.moving_average, averaging_constant=o.averaging_constant)
+    else:
+        params.update(bins=o.bins, percentile=o.percentile)
+    return params
+
+
+def _batch_size(m, wanted: int) -> int:
+    """A model with a fixed batch dimension gets batches of exactly that size."""
+    for spec in model_inputs(m):
+        if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0:
+            return spec.shape[0]
+    return wanted
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    output: Path
+    plan: Plan
+    table: CalibrationTable | None
+    notes: tuple[str, ...]
+
+
+def quantize(model: str | Path, output: str | Path, table: CalibrationTable | str | Path | None = None,
+             data=None, options: QuantizeOptions = QuantizeOptions(),
+             calibrate_options: CalibrateOptions = CalibrateOptions(), method: str | None = None,
+             on_batch: Callable[[int], None] | None = None) -> QuantizeResult:
+    """Static int8 quantization (QDQ): plan, rewrite, check, save atomically."""
+    from .check import check_quantized
+    from .planner import apply_table, plan as make_plan
+    from .rewrite import qdq
+    out = model_io.check_output_path(output, model)
+    if table is None and data is None:
+        raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
+    p = prepare(model)
+    if table is None:
+        table = calibrate(model, data, calibrate_options, options, on_batch)
+    table = _load_table(table, p)
+    the_plan = apply_table(make_plan(p.model, options, p.notes), table_ranges(table, method))
+    result = qdq.apply(p.model, the_plan)
+    check_quantized(result)
+    model_io.save(result, out)
+    return QuantizeResult(out, the_plan, table, p.notes)
+
+
+def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | Path | None = None,
+             options: EvalOptions = EvalOptions(), limit: int | None = None):
+    """Run both models on the same data; metrics, sizes and latency side by side, then gates."""
+    from .evaluation import Thresholds, judge
+    from .comparison import run_pair
+    ref = model_io.load(reference)
+    cand = model_io.load(candidate)
+    ds = open_data(data, ref)
+    check_against_model(ds, model_inputs(cand))
+    label_array = _labels(ds, labels, limit)
+    report = run_pair(reference, candidate, ds, label_array, options, limit,
+                      _size_on_disk(reference), _size_on_disk(candidate))
+    return judge(report, Thresholds(options.max_drop, options.min_agreement, options.min_cosine))
+
+
+def _labels(ds: Dataset, labels, limit) -> np.ndarray | None:
+    if labels is None:
+        return ds.labels(limit)
+    try:
+        arr = np.load(labels, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{labels}: cannot read labels ({exc})") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr = arr["labels"] if "labels" in arr else arr[arr.files[0]]
+    n = ds.num_samples if limit is None else min(limit, ds.num_samples)
+    if arr.ndim != 1 or len(arr) < n:
+        raise DataError(f"{labels}: expected 1-D labels for {n} samples, got shape {list(arr.shape)}")
+    return arr[:n].astype(np.int64)

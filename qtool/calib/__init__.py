@@ -1,0 +1,1 @@
+"""Calibration: observers that reduce activations batch by batch, range methods, the table."""

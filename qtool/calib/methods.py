@@ -1,0 +1,49 @@
+"""Turn an observer into TensorStats with the range its method chooses, and
+re-derive a range for another method from a table's stored histogram."""
+
+from __future__ import annotations
+
+from ..config import CalibrateOptions
+from ..errors import TableError
+from .table import TensorStats
+
+
+def finish(observer, options: CalibrateOptions) -> TensorStats:
+    stats = observer.stats()
+    hist = stats.get("histogram")
+    if options.method == "minmax" or hist is None:
+        lo, hi = stats["min"], stats["max"]
+        if options.symmetric:
+            m = max(abs(lo), abs(hi))
+            lo, hi = -m, m
+        rng = (lo, hi)
+    else:
+        rng = _histogram_range(hist, options.method, _params(options))
+    return TensorStats(stats["min"], stats["max"], stats["count"], rng, tuple(stats["notes"]), hist)
+
+
+def _params(options: CalibrateOptions) -> dict:
+    return {"percentile": options.percentile, "symmetric": options.symmetric}
+
+
+def _histogram_range(hist: dict, method: str, params: dict) -> tuple[float, float]:
+    from .histogram import StreamingHistogram
+    from .ranges import compute_range
+    h = StreamingHistogram.from_dict(hist)
+    if h.count == 0:
+        return (0.0, 0.0)
+    kwargs = {"symmetric": bool(params.get("symmetric", False))}
+    if method == "percentile":
+        kwargs["percentile"] = float(params.get("percentile", 99.999))
+    lo, hi = compute_range(method, h, **kwargs)
+    return float(lo), float(hi)
+
+
+def derive_range(stats: TensorStats, method: str, params: dict) -> tuple[float, float]:
+    """The range ``method`` gives for a tensor, from the table alone."""
+    if method == "minmax":
+        return stats.min, stats.max
+    if stats.histogram is None:
+        raise TableError(f"table holds no histograms, so --method {method} cannot be derived from it; "
+                         f"calibrate with --method {method} (or any histogram method)")
+    return _histogram_range(stats.histogram, method, params)

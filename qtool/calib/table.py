@@ -1,0 +1,101 @@
+"""The calibration table: a versioned JSON record of per-tensor statistics.
+
+Layout (format_version 1)::
+
+    {"format": "qtool.calibration", "format_version": 1, "qtool_version": "0.1.0",
+     "model_sha256": "...", "method": "minmax", "params": {...},
+     "samples": 256, "batches": 8,
+     "tensors": {"conv1_out": {"min": -1.2, "max": 3.4, "count": 200704,
+                               "range": [-1.2, 3.4], "notes": [],
+                               "histogram": null | {compact histogram}}}}
+
+``range`` is what ``method`` chose; ``min``/``max`` are always kept, and a
+``histogram`` (histogram methods) lets another method be derived later without
+running the model again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import TableError
+from ..model import atomic_write_text
+
+FORMAT = "qtool.calibration"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    min: float
+    max: float
+    count: int
+    range: tuple[float, float]
+    notes: tuple[str, ...] = ()
+    histogram: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"min": self.min, "max": self.max, "count": self.count, "range": list(self.range),
+                "notes": list(self.notes), "histogram": self.histogram}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorStats":
+        return cls(float(d["min"]), float(d["max"]), int(d["count"]), tuple(map(float, d["range"])),
+                   tuple(d.get("notes", ())), d.get("histogram"))
+
+
+@dataclass(frozen=True)
+class CalibrationTable:
+    model_sha256: str
+    method: str
+    params: dict
+    samples: int
+    batches: int
+    tensors: dict[str, TensorStats]
+    qtool_version: str = ""
+    format_version: int = FORMAT_VERSION
+    notes: tuple[str, ...] = field(default=())
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        return {name: s.range for name, s in self.tensors.items()}
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "format_version": self.format_version, "qtool_version": self.qtool_version,
+                "model_sha256": self.model_sha256, "method": self.method, "params": self.params,
+                "samples": self.samples, "batches": self.batches, "notes": list(self.notes),
+                "tensors": {k: v.to_dict() for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationTable":
+        if d.get("format") != FORMAT:
+            raise TableError("not a qtool calibration table (missing format marker)")
+        if d.get("format_version", 0) > FORMAT_VERSION:
+            raise TableError(f"table format {d['format_version']} is newer than this qtool reads ({FORMAT_VERSION})")
+        try:
+            tensors = {k: TensorStats.from_dict(v) for k, v in d["tensors"].items()}
+            return cls(d["model_sha256"], d["method"], dict(d.get("params", {})), int(d["samples"]),
+                       int(d["batches"]), tensors, d.get("qtool_version", ""), int(d["format_version"]),
+                       tuple(d.get("notes", ())))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TableError(f"malformed calibration table ({type(exc).__name__}: {exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationTable":
+        p = Path(path)
+        if not p.is_file():
+            raise TableError(f"{p}: no such calibration table")
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TableError(f"{p}: not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise TableError(f"{p}: not a qtool calibration table")
+        try:
+            return cls.from_dict(data)
+        except TableError as exc:
+            raise TableError(f"{p}: {exc}") from None

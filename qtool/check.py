@@ -1,0 +1,16 @@
+"""Checks a rewritten model must pass before it is saved."""
+
+from __future__ import annotations
+
+import onnx
+
+from .errors import QtoolError
+
+
+def check_quantized(model: onnx.ModelProto) -> None:
+    """onnx's full checker (with strict shape inference); raise on failure."""
+    try:
+        if model.ByteSize() < 2 * 1024**3 - 1024**2:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise QtoolError(f"internal error: quantized model fails onnx.checker ({str(exc).splitlines()[0][:300]})") from None

@@ -1,0 +1,234 @@
+"""The command line: parse, call qtool's API, print. The only place that exits.
+
+Exit codes: 0 success, 1 an eval gate failed, 2 bad input or unsupported model,
+3 an unexpected internal error (set QTOOL_DEBUG=1 for the traceback).
+Heavy imports (numpy, onnx, onnxruntime) happen inside the commands so that
+``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+METHODS = ["minmax", "entropy", "percentile", "mse"]
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Turn QtoolError into one line and exit 2; anything else into exit 3."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import QtoolError
+        try:
+            return fn(*args, **kwargs)
+        except QtoolError as exc:
+            _fail(str(exc).replace("\n", " "), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except MemoryError:
+            _fail("out of memory; try a smaller --batch-size", 2)
+        except Exception as exc:  # a bug: still one line, traceback on request
+            if os.environ.get("QTOOL_DEBUG"):
+                raise
+            text = str(exc).strip().splitlines()
+            _fail(f"internal error: {type(exc).__name__}: {(text[0] if text else '')[:300]} "
+                  "(set QTOOL_DEBUG=1 for a traceback)", 3)
+    return wrapper
+
+
+def _existing(path_type="file"):
+    return click.Path(exists=False, dir_okay=(path_type != "file"), file_okay=True)
+
+
+def _preset(path):
+    from .config import Preset, load_preset
+    return load_preset(path) if path else Preset()
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, disable=None, leave=False)
+    return bar
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qtool", message="qtool %(version)s")
+def main():
+    """Post-training int8 quantization of ONNX models, checked on onnxruntime."""
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:1x3x224x224",
+              help="Concrete shape of an input for MAC counts (dynamic dims default to 1).")
+@handle_errors
+def inspect(model, as_json, shapes):
+    """Inputs, opsets, parameters, size, MACs and what can be quantized."""
+    from . import api
+    from .inspection import format_report
+    report = api.inspect(model, _parse_shapes(shapes))
+    click.echo(json.dumps(report.to_dict(), indent=1) if as_json else format_report(report))
+
+
+def _parse_shapes(values) -> dict:
+    from .errors import QtoolError
+    shapes = {}
+    for value in values:
+        name, sep, dims = value.rpartition(":")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+            if not sep or not name or any(d < 1 for d in shapes[name]):
+                raise ValueError
+        except ValueError:
+            raise QtoolError(f"--shape {value!r}: expected NAME:DIMxDIM..., e.g. input:1x3x224x224") from None
+    return shapes
+
+
+@main.command()
+@click.argument("model", type=click.Path(), required=False)
+@click.option("--data", type=click.Path(), help="An .npz file or a directory of .npz files.")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Calibration table to write (JSON).")
+@click.option("--method", type=click.Choice(METHODS), default=None, help="Range method (default minmax).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
+@click.option("--bins", type=click.IntRange(min=16), default=None, help="Histogram bins (default 2048).")
+@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=None,
+              help="Kept mass for --method percentile (default 99.999).")
+@click.option("--symmetric/--asymmetric", default=None, help="Range symmetric around zero.")
+@click.option("--moving-average", is_flag=True, default=None, help="minmax: average per-batch extremes.")
+@click.option("--merge", "merge", multiple=True, type=click.Path(), help="Merge tables of data shards instead.")
+@click.option("--config", "preset", type=click.Path(), help="TOML preset (its [calibrate] table).")
+@handle_errors
+def calibrate(model, data, output, method, batch_size, limit, bins, percentile, symmetric,
+              moving_average, merge, preset):
+    """Collect per-tensor statistics into a reusable calibration table."""
+    from . import api
+    from .config import override
+    from .errors import QtoolError
+    from .model import check_output_path
+    if merge:
+        return _merge(merge, model, output)
+    if model is None or data is None:
+        raise QtoolError("calibrate needs MODEL and --data (or --merge A.json B.json ...)")
+    check_output_path(output, model, data)
+    opts = override(_preset(preset).calibrate, method=method, batch_size=batch_size, limit=limit, bins=bins,
+                    percentile=percentile, symmetric=symmetric, moving_average=moving_average)
+    ds = api.Dataset(data)
+    total = ds.num_samples if opts.limit is None else min(opts.limit, ds.num_samples)
+    with _progress(total, "calibrate") as bar:
+        table = api.calibrate(model, ds, opts, _preset(preset).quantize, on_batch=bar.update)
+    table.save(output)
+    click.echo(f"wrote {output}: {len(table.tensors)} tensors, {table.samples} samples, method {table.method}")
+
+
+def _merge(paths, model, output):
+    from .calib.merge import merge_tables
+    from .calib.table import CalibrationTable
+    from .model import check_output_path
+    inputs = list(paths) + ([model] if model else [])
+    check_output_path(output, *inputs)
+    merged = merge_tables([CalibrationTable.load(p) for p in inputs])
+    merged.save(output)
+    click.echo(f"wrote {output}: merged {len(inputs)} tables, {merged.samples} samples")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True, help="Quantized model to write.")
+@click.option("--table", type=click.Path(), help="Calibration table from `qtool calibrate`.")
+@click.option("--data", type=click.Path(), help="Calibrate on this data first (minmax unless --method).")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="Range method; with --table, derived from its histograms.")
+@click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default).")
+@click.option("--activation-type", type=click.Choice(["int8", "uint8"]), default=None)
+@click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep these nodes or op types float.")
+@click.option("--explain", is_flag=True, help="Print the plan: node, decision, reason.")
+@click.option("--save-plan", type=click.Path(), help="Also write the plan as JSON.")
+@click.option("--config", "preset", type=click.Path(), help="TOML preset ([quantize] and [calibrate]).")
+@handle_errors
+def quantize(model, output, table, data, method, per_channel, activation_type, exclude, explain, save_plan, preset):
+    """Static int8 quantization in QDQ form."""
+    from . import api
+    from .config import override
+    from .errors import QtoolError
+    from .model import atomic_write_text, check_output_path
+    if table and data:
+        raise QtoolError("give either --table or --data, not both")
+    check_output_path(output, model, table, data)
+    cfg = _preset(preset)
+    qopts = override(cfg.quantize, per_channel=per_channel, activation_type=activation_type,
+                     exclude=tuple(cfg.quantize.exclude) + tuple(exclude) if exclude else None)
+    copts = override(cfg.calibrate, method=method)
+    bar = None
+    if data:
+        ds = api.Dataset(data)
+        bar = _progress(ds.num_samples if copts.limit is None else min(copts.limit, ds.num_samples), "calibrate")
+        data = ds
+    try:
+        result = api.quantize(model, output, table=table, data=data, options=qopts, calibrate_options=copts,
+                              method=method if table else None, on_batch=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if explain:
+        click.echo(result.plan.explain())
+    if save_plan:
+        atomic_write_text(save_plan, result.plan.to_json())
+    n = len(result.plan.quantized_nodes())
+    click.echo(f"wrote {output}: {n} of {len(result.plan.nodes)} nodes quantized")
+
+
+@main.command(name="eval")
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@click.option("--data", type=click.Path(), required=True)
+@click.option("--labels", type=click.Path(), help="Integer labels (.npy); default: the data's 'labels' array.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch for metrics and timing.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (pin when timing).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed runs (after warm-up).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
+@click.option("--max-drop", type=float, default=None, help="Fail if accuracy drops more (0.003 = 0.3 points).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None, help="Fail below this top-1 agreement.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Fail below this cosine similarity.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--config", "preset", type=click.Path(), help="TOML preset ([eval]).")
+@handle_errors
+def eval_cmd(reference, candidate, data, labels, provider, batch_size, threads, repeats, limit,
+             max_drop, min_agreement, min_cosine, json_path, preset):
+    """Accuracy, error, size and latency of two models side by side; gates for CI."""
+    from . import api
+    from .config import override
+    from .evaluation import format_table
+    from .model import atomic_write_text, check_output_path
+    if json_path:
+        check_output_path(json_path, reference, candidate, data)
+    opts = override(_preset(preset).eval, provider=provider, batch_size=batch_size, threads=threads,
+                    repeats=repeats, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine)
+    if opts.provider == "cuda":
+        from . import runtime
+        note = runtime.pick_provider("cuda").note
+        if note:
+            click.echo(f"warning: {note}", err=True)
+    report = api.evaluate(reference, candidate, data, labels, opts, limit)
+    click.echo(format_table(report))
+    if json_path:
+        atomic_write_text(json_path, report.to_json())
+    if not report.passed:
+        failed = [g for g in report.gates if not g.passed]
+        click.echo("gate failed: " + "; ".join(g.message for g in failed), err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

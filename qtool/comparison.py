@@ -1,0 +1,43 @@
+"""Run a reference and a candidate model over the same data, then time them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import runtime
+from .config import EvalOptions
+from .data import Dataset
+from .evaluation import Latency, OutputStats, Report
+
+
+def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, options: EvalOptions,
+             limit: int | None, size_ref: int, size_cand: int) -> Report:
+    choice = runtime.pick_provider(options.provider)
+    notes = [choice.note] if choice.note else []
+    sess_r = runtime.session(str(reference), choice.used, options.threads)
+    sess_c = runtime.session(str(candidate), choice.used, options.threads)
+    inputs = [i.name for i in sess_r.get_inputs()]
+    names = runtime.output_names(sess_r)
+    stats = {n: OutputStats(n) for n in names}
+    correct_r = correct_c = seen = 0
+    first = None
+    for batch in ds.batches(options.batch_size, limit):
+        feeds = {k: batch[k] for k in inputs}
+        first = first or feeds
+        out_r = runtime.run(sess_r, feeds)
+        out_c = runtime.run(sess_c, feeds)
+        for name, a, b in zip(names, out_r, out_c):
+            stats[name].update(a, b)
+        if labels is not None:
+            y = labels[seen:seen + len(out_r[0])]
+            correct_r += int((out_r[0].reshape(len(y), -1).argmax(1) == y).sum())
+            correct_c += int((out_c[0].reshape(len(y), -1).argmax(1) == y).sum())
+        seen += len(out_r[0])
+    lat_r, lat_c = runtime.time_pair(sess_r, sess_c, first, options.warmup, options.repeats)
+    batch = len(next(iter(first.values())))
+    acc_r = correct_r / seen if labels is not None else None
+    acc_c = correct_c / seen if labels is not None else None
+    return Report(str(reference), str(candidate), seen, choice.used, tuple(s.result() for s in stats.values()),
+                  size_ref, size_cand, Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),
+                  Latency(lat_c.median_ms, lat_c.p90_ms, lat_c.runs, batch), acc_r, acc_c,
+                  options.threads, (), tuple(notes))

@@ -1,0 +1,170 @@
+"""Typed options for every stage, and TOML presets that set them.
+
+A preset is a TOML file with up to three tables, ``[calibrate]``, ``[quantize]``
+and ``[eval]``, whose keys are the fields below. Unknown tables or keys and
+values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
+ACTIVATION_TYPES = ("int8", "uint8")
+FORMATS = ("qdq",)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How statistics are collected.
+
+    method: minmax | entropy | percentile | mse. bins: histogram bins for the
+    histogram methods. percentile: kept mass in percent. symmetric: a range
+    symmetric around zero. moving_average: minmax only, average per-batch
+    extremes with ``averaging_constant`` instead of keeping the global ones.
+    """
+
+    method: str = "minmax"
+    batch_size: int = 32
+    limit: int | None = None
+    bins: int = 2048
+    percentile: float = 99.999
+    symmetric: bool = False
+    moving_average: bool = False
+    averaging_constant: float = 0.01
+
+    def __post_init__(self):
+        _choice("calibrate.method", self.method, CALIBRATION_METHODS)
+        _positive("calibrate.batch_size", self.batch_size)
+        if self.limit is not None:
+            _positive("calibrate.limit", self.limit)
+        _positive("calibrate.bins", self.bins)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"calibrate.percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise ConfigError(f"calibrate.averaging_constant must be in (0, 1], got {self.averaging_constant}")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What the planner may quantize and how.
+
+    per_channel: one weight scale per output channel (Conv axis 0, MatMul/Gemm
+    output features). activation_type: int8 or uint8 activations, asymmetric
+    unless activation_symmetric. exclude: node names or op types left in float.
+    """
+
+    format: str = "qdq"
+    per_channel: bool = True
+    activation_type: str = "int8"
+    activation_symmetric: bool = False
+    weight_type: str = "int8"
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _choice("quantize.format", self.format, FORMATS)
+        _choice("quantize.activation_type", self.activation_type, ACTIVATION_TYPES)
+        _choice("quantize.weight_type", self.weight_type, ("int8",))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Gates and timing for ``qtool eval``; a gate left as None is not checked."""
+
+    provider: str = "cpu"
+    batch_size: int = 64
+    threads: int | None = None
+    warmup: int = 5
+    repeats: int = 30
+    max_drop: float | None = None
+    min_agreement: float | None = None
+    min_cosine: float | None = None
+
+    def __post_init__(self):
+        _choice("eval.provider", self.provider, ("cpu", "cuda"))
+        _positive("eval.batch_size", self.batch_size)
+        _positive("eval.repeats", self.repeats)
+
+
+@dataclass(frozen=True)
+class Preset:
+    calibrate: CalibrateOptions = field(default_factory=CalibrateOptions)
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+
+SECTIONS = {"calibrate": CalibrateOptions, "quantize": QuantizeOptions, "eval": EvalOptions}
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(key, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _check_type(key: str, value, annotation: str):
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    base = annotation.replace(" | None", "")
+    if value is None and "None" in annotation:
+        return value
+    if base.startswith("tuple"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    kind = expected[base]
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, kind):
+        raise ConfigError(f"{key} must be {base}, got {type(value).__name__} {value!r}")
+    return float(value) if base == "float" else value
+
+
+def build(cls, values: dict, section: str):
+    """Make ``cls`` from a dict, rejecting unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {section}.{key} (known: {', '.join(fields)})")
+        kwargs[key] = _check_type(f"{section}.{key}", value, str(fields[key].type))
+    return cls(**kwargs)
+
+
+def load_preset(path: str | Path) -> Preset:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such preset file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    parts = {}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{p}: unknown table [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: {section} must be a table")
+        try:
+            parts[section] = build(SECTIONS[section], values, section)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+    return Preset(**parts)
+
+
+def override(options, **changes):
+    """Replace the fields given (not None) in a frozen options record."""
+    real = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(options, **real) if real else options

@@ -1,0 +1,128 @@
+"""GraphView: producers, consumers, initializers and inferred types of one graph.
+
+Built once from a model and never mutated; planners and reports query it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """onnx shape inference; on failure keep the model and return a note."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
+                                                 data_prop=True), None
+    except Exception as exc:
+        return model, f"shape inference failed ({str(exc).splitlines()[0][:160]}); planning with the shapes the model records"
+
+
+def tensor_shape(vi: onnx.ValueInfoProto) -> tuple | None:
+    """(dims...) with ints for known dims, names for symbolic ones, None for unknown."""
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+class GraphView:
+    """Lookup tables over ``model.graph`` (the main graph; subgraphs are opaque)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.nodes = list(self.graph.node)
+
+    @cached_property
+    def initializers(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.graph.initializer}
+
+    @cached_property
+    def producer(self) -> dict[str, onnx.NodeProto]:
+        return {out: n for n in self.nodes for out in n.output if out}
+
+    @cached_property
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        table: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for name in set(i for i in n.input if i):
+                table.setdefault(name, []).append(n)
+        return table
+
+    @cached_property
+    def value_info(self) -> dict[str, onnx.ValueInfoProto]:
+        infos = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            infos[vi.name] = vi
+        return infos
+
+    @cached_property
+    def graph_inputs(self) -> list[str]:
+        inits = self.initializers
+        return [i.name for i in self.graph.input if i.name not in inits]
+
+    @cached_property
+    def graph_outputs(self) -> set[str]:
+        return {o.name for o in self.graph.output}
+
+    def node_name(self, node: onnx.NodeProto) -> str:
+        return node.name or f"{node.op_type}({node.output[0]})"
+
+    def is_initializer(self, name: str) -> bool:
+        return name in self.initializers
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+    def elem_type(self, name: str) -> int | None:
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        vi = self.value_info.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return None
+        return vi.type.tensor_type.elem_type or None
+
+    def is_float(self, name: str) -> bool:
+        return self.elem_type(name) == FLOAT
+
+    def shape(self, name: str) -> tuple | None:
+        if name in self.initializers:
+            return tuple(self.initializers[name].dims)
+        vi = self.value_info.get(name)
+        return tensor_shape(vi) if vi is not None else None
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def attr(self, node: onnx.NodeProto, name: str, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return onnx.helper.get_attribute_value(a)
+        return default
+
+    def sole_consumer(self, tensor: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(tensor, [])
+        if len(users) == 1 and tensor not in self.graph_outputs:
+            return users[0]
+        return None
+
+    def opset(self, domain: str = "") -> int:
+        for imp in self.model.opset_import:
+            if imp.domain == domain or (domain == "" and imp.domain == "ai.onnx"):
+                return imp.version
+        return 0

@@ -1,0 +1,178 @@
+"""What a model is: IO, opsets, parameters, size, MACs per op type, what qtool would quantize."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from .graph import GraphView, infer_shapes, tensor_shape
+
+MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    path: str
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    parameters: int
+    size_bytes: int
+    macs: dict[str, int]
+    op_types: dict[str, int]
+    quantizable_nodes: int
+    nodes: int
+    blockers: tuple[str, ...]
+    shapes_used: dict[str, tuple]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(self.macs.values())
+
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def io_info(view: GraphView, names) -> tuple[TensorInfo, ...]:
+    out = []
+    for name in names:
+        vi = view.value_info.get(name)
+        shape = tensor_shape(vi) if vi is not None else None
+        out.append(TensorInfo(name, _dtype_name(view.elem_type(name) or 0), tuple(shape or ())))
+    return tuple(out)
+
+
+def concrete_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> tuple[onnx.ModelProto, dict]:
+    """Copy with every input dim fixed: from ``shapes``, else symbolic/unknown dims -> 1."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name for t in m.graph.initializer}
+    used = {}
+    for inp in m.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        given = shapes.get(inp.name)
+        if given is not None and len(given) != len(dims):
+            raise ValueError(f"--shape {inp.name}: rank {len(given)} but the model input has rank {len(dims)}")
+        for i, d in enumerate(dims):
+            value = given[i] if given is not None else (d.dim_value if d.HasField("dim_value") else 1)
+            d.Clear()
+            d.dim_value = int(value)
+        used[inp.name] = tuple(d.dim_value for d in dims)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    return m, used
+
+
+def macs_per_op(view: GraphView) -> dict[str, int]:
+    totals: Counter = Counter()
+    for node in view.nodes:
+        if node.op_type in MAC_OPS:
+            value = _node_macs(node, view)
+            if value is not None:
+                totals[node.op_type] += value
+    return dict(totals)
+
+
+def _known(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def _node_macs(node, view: GraphView) -> int | None:
+    out = view.shape(node.output[0])
+    w = view.shape(node.input[1]) if len(node.input) > 1 else None
+    a = view.shape(node.input[0])
+    if not (_known(out) and _known(w) and _known(a)):
+        return None
+    if node.op_type == "Conv":
+        return int(np.prod(out)) * int(np.prod(w[1:]))
+    if node.op_type == "ConvTranspose":
+        group = view.attr(node, "group", 1)
+        return int(np.prod(a)) * int(w[1]) * int(np.prod(w[2:])) if group else None
+    if node.op_type == "Gemm":
+        k = a[0] if view.attr(node, "transA", 0) else a[-1]
+        return int(np.prod(out)) * int(k)
+    if node.op_type == "MatMul":
+        return int(np.prod(out)) * int(a[-1])
+    return None
+
+
+def count_parameters(view: GraphView) -> int:
+    return int(sum(int(np.prod(t.dims)) for t in view.graph.initializer))
+
+
+def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shapes: dict | None = None,
+                  notes: tuple[str, ...] = ()) -> InspectReport:
+    """Build the report. ``plan`` is the planner's uncalibrated plan for the model."""
+    view = GraphView(model)
+    blockers = list(notes)
+    try:
+        fixed, used = concrete_model(model, shapes or {})
+    except ValueError as exc:
+        raise _shape_error(str(exc))
+    fixed, note = infer_shapes(fixed)
+    if note:
+        blockers.append(note)
+    fixed_view = GraphView(fixed)
+    missing = [n.output[0] for n in view.nodes if n.op_type in MAC_OPS and not _known(fixed_view.shape(n.output[0]))]
+    if missing:
+        blockers.append(f"{len(missing)} Conv/MatMul/Gemm outputs have no inferred shape (MACs not counted), e.g. {missing[0]}")
+    opset = view.opset("")
+    if opset < 13:
+        blockers.append(f"opset {opset} < 13: will be upgraded for per-channel QDQ")
+    return InspectReport(
+        path=path, ir_version=model.ir_version,
+        opsets={(i.domain or "ai.onnx"): i.version for i in model.opset_import},
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        inputs=io_info(view, view.graph_inputs), outputs=io_info(view, [o.name for o in view.graph.output]),
+        parameters=count_parameters(view), size_bytes=size_bytes, macs=macs_per_op(fixed_view),
+        op_types=dict(Counter(n.op_type for n in view.nodes).most_common()),
+        quantizable_nodes=len(plan.quantized_nodes()), nodes=len(view.nodes),
+        blockers=tuple(blockers), shapes_used=used)
+
+
+def _shape_error(msg):
+    from .errors import QtoolError
+    return QtoolError(msg)
+
+
+def format_report(r: InspectReport) -> str:
+    def dims(shape):
+        return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+    lines = [f"model       {r.path}", f"ir_version  {r.ir_version}",
+             f"opsets      {', '.join(f'{k} {v}' for k, v in r.opsets.items())}",
+             f"producer    {r.producer or '-'}", "inputs:"]
+    lines += [f"  {t.name}: {t.dtype} {dims(t.shape)}" for t in r.inputs]
+    lines.append("outputs:")
+    lines += [f"  {t.name}: {t.dtype} {dims(t.shape)}" for t in r.outputs]
+    lines.append(f"parameters  {r.parameters:,}")
+    lines.append(f"size        {r.size_bytes:,} bytes")
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in r.shapes_used.items())
+    lines.append(f"MACs        {r.total_macs:,} (input shapes {shapes})")
+    lines += [f"  {op}: {n:,}" for op, n in r.macs.items()]
+    lines.append("op types    " + ", ".join(f"{k} {v}" for k, v in r.op_types.items()))
+    lines.append(f"quantizable {r.quantizable_nodes} of {r.nodes} nodes would be quantized")
+    for b in r.blockers:
+        lines.append(f"note: {b}")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Scale and zero-point math, pure numpy: the vocabulary of affine quantization.
+
+``r = scale * (q - zero_point)``. Worked example, int8 asymmetric over [-1.0, 3.0]:
+scale = (3 - (-1)) / (127 - (-128)) = 4/255 = 0.015686..., zero_point =
+round(-128 - (-1)/scale) = round(-64.25) = -64; then 0.0 -> q = -64 exactly and
+3.0 -> round(191.25) - 64 = 127.
+
+Rounding is half to even and division is float32, exactly as ONNX's
+QuantizeLinear specifies, so these functions agree bit for bit with onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+
+class QType(Enum):
+    """An integer type that tensors are quantized to."""
+
+    INT8 = ("int8", np.int8, -128, 127, 3)
+    UINT8 = ("uint8", np.uint8, 0, 255, 2)
+    INT16 = ("int16", np.int16, -32768, 32767, 5)
+    UINT16 = ("uint16", np.uint16, 0, 65535, 4)
+    INT32 = ("int32", np.int32, -(2**31), 2**31 - 1, 6)
+
+    def __init__(self, label, dtype, qmin, qmax, onnx_type):
+        self.label = label
+        self.dtype = np.dtype(dtype)
+        self.qmin = qmin
+        self.qmax = qmax
+        self.onnx_type = onnx_type  # onnx.TensorProto enum value
+
+    @classmethod
+    def parse(cls, name: str) -> "QType":
+        for member in cls:
+            if member.label == name:
+                return member
+        raise ValueError(f"unknown quantized type {name!r}")
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerAxis:
+    """One scale per slice along ``axis`` (e.g. per output channel)."""
+
+    axis: int
+
+
+def symmetric_bounds(qtype: QType) -> tuple[int, int]:
+    """Integer range used for symmetric quantization: int8 -> (-127, 127).
+
+    Dropping -128 keeps the range symmetric so that -max and +max both exist.
+    """
+    if qtype.qmin < 0:
+        return -qtype.qmax, qtype.qmax
+    return qtype.qmin, qtype.qmax
+
+
+def choose_qparams(rmin, rmax, qtype: QType, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (``qtype``) that cover [rmin, rmax].
+
+    ``rmin``/``rmax`` are scalars or arrays (one entry per channel). The range is
+    widened to include 0.0 so that zero is exactly representable. A zero-width
+    range gets scale 1.0. Symmetric: scale = max|r| / qmax_sym, zero point 0
+    (uint8 symmetric uses the mid point 128).
+    """
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if symmetric:
+        qmin, qmax = symmetric_bounds(qtype)
+        absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+        scale = absmax * 2.0 / (qmax - qmin)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        zero = 0 if qtype.qmin < 0 else (qtype.qmin + qtype.qmax + 1) // 2
+        zp = np.full(np.shape(scale), zero, dtype=qtype.dtype)
+        return scale, zp
+    qmin, qmax = qtype.qmin, qtype.qmax
+    scale = (rmax - rmin) / (qmax - qmin)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zp = np.round(qmin - rmin / scale.astype(np.float64))
+    zp = np.clip(zp, qmin, qmax).astype(qtype.dtype)
+    return scale, zp
+
+
+def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    param = np.asarray(param)
+    if axis is None or param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis] = param.shape[0]
+    return param.reshape(shape)
+
+
+def quantize(x, scale, zero_point, qtype: QType, axis: int | None = None) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
+    x = np.asarray(x, dtype=np.float32)
+    s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    z = _broadcast(np.asarray(zero_point).astype(np.int64), x.ndim, axis)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        q = np.rint(x / s).astype(np.float64) + z
+    return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.dtype)
+
+
+def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
+    q = np.asarray(q)
+    s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    z = _broadcast(np.asarray(zero_point).astype(np.int64), q.ndim, axis)
+    return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+def weight_qparams(w: np.ndarray, qtype: QType, granularity, symmetric: bool = True):
+    """Per-tensor or per-axis scale/zero point of a weight from its own min/max.
+
+    A [2, 3] weight [[1, -2, 0.5], [0.1, 0.2, -0.4]] per axis 0, int8 symmetric:
+    scales = [2/127, 0.4/127], zero points [0, 0].
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if isinstance(granularity, PerAxis):
+        moved = np.moveaxis(w, granularity.axis, 0).reshape(w.shape[granularity.axis], -1)
+        lo, hi = moved.min(axis=1, initial=0.0), moved.max(axis=1, initial=0.0)
+    else:
+        lo, hi = w.min(initial=0.0), w.max(initial=0.0)
+    return choose_qparams(lo, hi, qtype, symmetric)
+
+
+def quantize_bias(bias: np.ndarray, input_scale, weight_scale) -> tuple[np.ndarray, np.ndarray]:
+    """int32 bias with scale s_x * s_w (per channel when s_w is) and zero point 0.
+
+    bias 0.5 with s_x = 0.1, s_w = 0.02 -> scale 0.002, q = 250.
+    """
+    scale = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    scale = np.broadcast_to(scale, np.shape(bias)).astype(np.float32) if np.ndim(scale) else scale
+    q = np.rint(np.asarray(bias, dtype=np.float64) / scale)
+    q = np.clip(q, QType.INT32.qmin, QType.INT32.qmax).astype(np.int32)
+    return q, scale

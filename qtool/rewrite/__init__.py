@@ -1,0 +1,1 @@
+"""Rewriters: apply a Plan to a model. They decide nothing."""

@@ -1,0 +1,107 @@
+"""Conv, Gemm and MatMul: int8 weights (per channel), int32 bias, int8 activations."""
+
+from __future__ import annotations
+
+import onnx
+
+from .base import Act, Bias, Context, NodeRule, Share, Skip, Weight
+
+FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _weight_axis(ctx: Context, axis: int) -> int | None:
+    return axis if ctx.options.per_channel else None
+
+
+def _fused_activation(node: onnx.NodeProto, ctx: Context) -> onnx.NodeProto | None:
+    """The Relu/Clip that alone consumes this node's output, if onnxruntime can fuse it."""
+    nxt = ctx.view.sole_consumer(node.output[0])
+    if nxt is None or nxt.op_type not in FUSABLE_ACTIVATIONS:
+        return None
+    if nxt.op_type == "Clip" and not _constant_clip(nxt, ctx):
+        return None
+    return nxt
+
+
+def _constant_clip(node: onnx.NodeProto, ctx: Context) -> bool:
+    bounds = [n for n in node.input[1:] if n]
+    return all(ctx.view.is_initializer(n) for n in bounds)
+
+
+def _output(node: onnx.NodeProto, ctx: Context, float_ok: bool):
+    """Decide the output of a linear op: quantized, fused into Relu/Clip, or float."""
+    out = node.output[0]
+    act = _fused_activation(node, ctx)
+    if act is not None:
+        ctx.fused[ctx.node_key(act)] = ctx.node_key(node)
+        return None, f"quantized after the fused {act.op_type}"
+    if ctx.is_model_output(out):
+        if float_ok:
+            return None, "model output stays float (int8 kernel with float output)"
+        return Skip("output is a model output and onnxruntime has no int8 kernel with float output for this op"), ""
+    return Act(), "quantized"
+
+
+def conv(node: onnx.NodeProto, ctx: Context):
+    w = node.input[1]
+    if not ctx.view.is_initializer(w):
+        return Skip("weight is not a constant initializer")
+    inputs = {0: Act(), 1: Weight(_weight_axis(ctx, 0))}
+    if len(node.input) > 2 and node.input[2]:
+        if not ctx.view.is_initializer(node.input[2]):
+            return Skip("bias is not a constant initializer")
+        inputs[2] = Bias(0, 1)
+    output, why = _output(node, ctx, float_ok=False)
+    if isinstance(output, Skip):
+        return output
+    return NodeRule(inputs, output, "int8 Conv (weights per channel)" if ctx.options.per_channel else "int8 Conv", why)
+
+
+def gemm(node: onnx.NodeProto, ctx: Context):
+    view = ctx.view
+    b = node.input[1]
+    if not view.is_initializer(b) or len(view.initializers[b].dims) != 2:
+        return Skip("B is not a constant 2-D initializer")
+    if view.attr(node, "transA", 0):
+        return Skip("transA=1 has no int8 Gemm kernel")
+    trans_b = view.attr(node, "transB", 0)
+    inputs = {0: Act(), 1: Weight(_weight_axis(ctx, 0 if trans_b else 1))}
+    n_out = view.initializers[b].dims[0 if trans_b else 1]
+    if len(node.input) > 2 and node.input[2]:
+        c = node.input[2]
+        plain = view.attr(node, "alpha", 1.0) == 1.0 and view.attr(node, "beta", 1.0) == 1.0
+        if view.is_initializer(c) and tuple(view.initializers[c].dims) == (n_out,) and plain:
+            inputs[2] = Bias(0, 1)
+    output, why = _output(node, ctx, float_ok=True)
+    return NodeRule(inputs, output, "int8 Gemm", why)
+
+
+def matmul(node: onnx.NodeProto, ctx: Context):
+    view = ctx.view
+    a, b = node.input[0], node.input[1]
+    if view.is_initializer(a):
+        return Skip("constant first input: no int8 kernel for weight x activation")
+    if view.is_initializer(b):
+        dims = view.initializers[b].dims
+        if len(dims) < 2:
+            return Skip("1-D weight")
+        inputs = {0: Act(), 1: Weight(_weight_axis(ctx, len(dims) - 1) if len(dims) == 2 else None)}
+        what = "int8 MatMul (weights per column)" if len(dims) == 2 and ctx.options.per_channel else "int8 MatMul"
+    else:
+        inputs = {0: Act(), 1: Act()}
+        what = "int8 MatMul of two activations"
+    output, why = _output(node, ctx, float_ok=True)
+    return NodeRule(inputs, output, what, why)
+
+
+def fused_activation(node: onnx.NodeProto, ctx: Context):
+    """Relu/Clip right after a quantized Conv/Gemm/MatMul: its output carries the int8 range."""
+    key = ctx.node_key(node)
+    if key not in ctx.fused:
+        return Skip("standalone activation: no int8 kernel, stays float")
+    if ctx.is_model_output(node.output[0]):
+        return NodeRule({}, None, f"fused into {ctx.fused[key]}", "model output stays float")
+    return NodeRule({}, Act(), f"fused into {ctx.fused[key]}", "quantized (range of the fused activation)")
+
+
+RULES = {"Conv": conv, "Gemm": gemm, "MatMul": matmul, "Relu": fused_activation, "Clip": fused_activation}

@@ -1,0 +1,110 @@
+"""The only module that imports onnxruntime: sessions, providers, timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import ModelError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    requested: str
+    used: str
+    note: str | None
+
+
+def version() -> str:
+    return ort.__version__
+
+
+def pick_provider(name: str) -> ProviderChoice:
+    """Map ``cpu``/``cuda`` to an EP; fall back to CPU with a note when CUDA is absent."""
+    if name == "cpu":
+        return ProviderChoice("cpu", PROVIDERS["cpu"], None)
+    if PROVIDERS["cuda"] in ort.get_available_providers():
+        return ProviderChoice("cuda", PROVIDERS["cuda"], None)
+    return ProviderChoice("cuda", PROVIDERS["cpu"],
+                          "CUDA execution provider not available in this onnxruntime; falling back to CPU")
+
+
+def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
+            optimize: bool = True, optimized_path: str | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    source = model if isinstance(model, str) else model.SerializeToString()
+    providers = [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
+    try:
+        sess = ort.InferenceSession(source, sess_options=opts, providers=providers)
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
+    return sess
+
+
+def used_providers(sess: ort.InferenceSession) -> list[str]:
+    return sess.get_providers()
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    return sess.run(outputs, feeds)
+
+
+def output_names(sess: ort.InferenceSession) -> list[str]:
+    return [o.name for o in sess.get_outputs()]
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+def time_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup: int = 5,
+                 repeats: int = 30) -> Timing:
+    """Median and p90 wall time of ``sess.run`` after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    arr = np.asarray(times)
+    return Timing(float(np.median(arr)), float(np.percentile(arr, 90)), repeats)
+
+
+def time_pair(sess_a, sess_b, feeds: dict[str, np.ndarray], warmup: int = 5, repeats: int = 30) -> tuple[Timing, Timing]:
+    """Time two sessions interleaved run by run, so machine noise hits both alike."""
+    for _ in range(warmup):
+        sess_a.run(None, feeds)
+        sess_b.run(None, feeds)
+    ta, tb = [], []
+    for _ in range(repeats):
+        for sess, acc in ((sess_a, ta), (sess_b, tb)):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            acc.append((time.perf_counter() - t0) * 1000.0)
+    return tuple(Timing(float(np.median(a)), float(np.percentile(a, 90)), repeats) for a in (np.asarray(ta), np.asarray(tb)))
+
+
+def ort_dtype(type_str: str) -> np.dtype:
+    """'tensor(float)' -> float32."""
+    table = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int16)": np.int16}
+    return np.dtype(table.get(type_str, np.float32))

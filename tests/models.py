@@ -1,0 +1,74 @@
+"""Small test models built from ONNX text with seeded weights (a committed script)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, parser
+
+
+def _with_weights(text: str, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = parser.parse_model(text)
+    for name, value in weights.items():
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm(transB)-Relu-Gemm, dynamic batch."""
+    rng = np.random.default_rng(seed)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    cnn (float[N, 3, 16, 16] x) => (float[N, 10] logits) {
+        c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r1 = Relu (c1)
+        p1 = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r1)
+        c2 = Conv <pads = [1, 1, 1, 1]> (p1, w2, b2)
+        r2 = Relu (c2)
+        f = Flatten <axis = 1> (r2)
+        g1 = Gemm <transB = 1> (f, w3, b3)
+        r3 = Relu (g1)
+        logits = Gemm (r3, w4, b4)
+    }
+    """
+    w = {
+        "w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8),
+        "w2": rng.normal(0, 0.2, (16, 8, 3, 3)), "b2": rng.normal(0, 0.1, 16),
+        "w3": rng.normal(0, 0.05, (32, 16 * 8 * 8)), "b3": rng.normal(0, 0.1, 32),
+        "w4": rng.normal(0, 0.2, (32, 10)), "b4": rng.normal(0, 0.1, 10),
+    }
+    return _with_weights(text, w)
+
+
+def matmul_mlp(seed: int = 0) -> onnx.ModelProto:
+    """MatMul+Add+Relu, Transpose/Reshape data movement, MatMul of two activations."""
+    rng = np.random.default_rng(seed)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    mlp (float[B, 4, 16] x) => (float[B, 4, 4] y, float[B, 4, 8] h2) {
+        h = MatMul (x, w1)
+        hb = Add (h, b1)
+        hr = Relu (hb)
+        h2 = MatMul (hr, w2)
+        t = Transpose <perm = [0, 2, 1]> (h2)
+        y = MatMul (h2, t)
+    }
+    """
+    w = {"w1": rng.normal(0, 0.3, (16, 32)), "b1": rng.normal(0, 0.1, 32), "w2": rng.normal(0, 0.2, (32, 8))}
+    return _with_weights(text, w)
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def random_inputs(model: onnx.ModelProto, n: int, seed: int = 1, **dims) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for inp in model.graph.input:
+        shape = [n if d.dim_param in ("N", "B") else d.dim_value or dims.get(d.dim_param, 1)
+                 for d in inp.type.tensor_type.shape.dim]
+        out[inp.name] = rng.normal(0, 1, shape).astype(np.float32)
+    return out
