@@ -110,11 +110,23 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> tuple[
     """Return the model at opset >= ``minimum`` and a note when it was upgraded."""
     current = default_opset(model)
     if current >= minimum:
-        return model, None
+        return _ir_at_least(model, 7)
     try:
         upgraded = onnx.version_converter.convert_version(model, minimum)
     except Exception as exc:
         raise ModelError(
             f"opset {current} is below {minimum} and onnx's version converter failed ({_short(exc)}); "
             f"re-export the model at opset {minimum} or later") from None
-    return upgraded, f"upgraded opset {current} -> {minimum} with onnx's version converter"
+    upgraded, note = _ir_at_least(upgraded, 7)
+    return upgraded, f"upgraded opset {current} -> {minimum} with onnx's version converter" + (f"; {note}" if note else "")
+
+
+def _ir_at_least(model: onnx.ModelProto, ir: int) -> tuple[onnx.ModelProto, str | None]:
+    """Opset 13 needs IR version 7; older files also list every weight as an input."""
+    if model.ir_version >= ir:
+        return model, None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    old = out.ir_version
+    out.ir_version = ir
+    return out, f"raised IR version {old} -> {ir}"

@@ -15,11 +15,11 @@ def _with_weights(text: str, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     return model
 
 
-def small_cnn(seed: int = 0) -> onnx.ModelProto:
+def small_cnn(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     """Conv-Relu-MaxPool-Conv-Relu-Flatten-Gemm(transB)-Relu-Gemm, dynamic batch."""
     rng = np.random.default_rng(seed)
     text = """
-    <ir_version: 8, opset_import: ["" : 17]>
+    <ir_version: 8, opset_import: ["" : OPSET]>
     cnn (float[N, 3, 16, 16] x) => (float[N, 10] logits) {
         c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
         r1 = Relu (c1)
@@ -38,7 +38,7 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
         "w3": rng.normal(0, 0.05, (32, 16 * 8 * 8)), "b3": rng.normal(0, 0.1, 32),
         "w4": rng.normal(0, 0.2, (32, 10)), "b4": rng.normal(0, 0.1, 10),
     }
-    return _with_weights(text, w)
+    return _with_weights(text.replace("OPSET", str(opset)), w)
 
 
 def matmul_mlp(seed: int = 0) -> onnx.ModelProto:
@@ -67,7 +67,10 @@ def save(model: onnx.ModelProto, path) -> str:
 def random_inputs(model: onnx.ModelProto, n: int, seed: int = 1, **dims) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
+    inits = {t.name for t in model.graph.initializer}
     for inp in model.graph.input:
+        if inp.name in inits:
+            continue
         shape = [n if d.dim_param in ("N", "B") else d.dim_value or dims.get(d.dim_param, 1)
                  for d in inp.type.tensor_type.shape.dim]
         out[inp.name] = rng.normal(0, 1, shape).astype(np.float32)
