@@ -63,12 +63,22 @@ def symmetric_bounds(qtype: QType) -> tuple[int, int]:
     return qtype.qmin, qtype.qmax
 
 
+def _usable_scale(scale) -> np.ndarray:
+    """float32 scale; 1.0 where it is zero or below float32's normal range.
+
+    Checked after the cast: uint8 over [0, 1e-44] gives 3.9e-47, which is 0.0 in float32.
+    """
+    scale = np.asarray(scale).astype(np.float32)
+    return np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
+
+
 def choose_qparams(rmin, rmax, qtype: QType, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """Scale (float32) and zero point (``qtype``) that cover [rmin, rmax].
 
     ``rmin``/``rmax`` are scalars or arrays (one entry per channel). The range is
     widened to include 0.0 so that zero is exactly representable. A zero-width
-    range gets scale 1.0. Symmetric: scale = max|r| / qmax_sym, zero point 0
+    range, or one so narrow that its scale underflows float32's normal range,
+    gets scale 1.0. Symmetric: scale = max|r| / qmax_sym, zero point 0
     (uint8 symmetric uses the mid point 128).
     """
     rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
@@ -76,14 +86,12 @@ def choose_qparams(rmin, rmax, qtype: QType, symmetric: bool) -> tuple[np.ndarra
     if symmetric:
         qmin, qmax = symmetric_bounds(qtype)
         absmax = np.maximum(np.abs(rmin), np.abs(rmax))
-        scale = absmax * 2.0 / (qmax - qmin)
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        scale = _usable_scale(absmax * 2.0 / (qmax - qmin))
         zero = 0 if qtype.qmin < 0 else (qtype.qmin + qtype.qmax + 1) // 2
         zp = np.full(np.shape(scale), zero, dtype=qtype.dtype)
         return scale, zp
     qmin, qmax = qtype.qmin, qtype.qmax
-    scale = (rmax - rmin) / (qmax - qmin)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    scale = _usable_scale((rmax - rmin) / (qmax - qmin))
     zp = np.round(qmin - rmin / scale.astype(np.float64))
     zp = np.clip(zp, qmin, qmax).astype(qtype.dtype)
     return scale, zp
