@@ -18,7 +18,7 @@ def finish(observer, options: CalibrateOptions) -> TensorStats:
             lo, hi = -m, m
         rng = (lo, hi)
     else:
-        rng = _histogram_range(hist, options.method, _params(options))
+        rng = histogram_range(hist, options.method, _params(options))
     return TensorStats(stats["min"], stats["max"], stats["count"], rng, tuple(stats["notes"]), hist)
 
 
@@ -26,7 +26,7 @@ def _params(options: CalibrateOptions) -> dict:
     return {"percentile": options.percentile, "symmetric": options.symmetric}
 
 
-def _histogram_range(hist: dict, method: str, params: dict) -> tuple[float, float]:
+def histogram_range(hist: dict, method: str, params: dict) -> tuple[float, float]:
     from .histogram import StreamingHistogram
     from .ranges import compute_range
     h = StreamingHistogram.from_dict(hist)
@@ -46,4 +46,4 @@ def derive_range(stats: TensorStats, method: str, params: dict) -> tuple[float, 
     if stats.histogram is None:
         raise TableError(f"table holds no histograms, so --method {method} cannot be derived from it; "
                          f"calibrate with --method {method} (or any histogram method)")
-    return _histogram_range(stats.histogram, method, params)
+    return histogram_range(stats.histogram, method, params)
