@@ -75,3 +75,41 @@ def random_inputs(model: onnx.ModelProto, n: int, seed: int = 1, **dims) -> dict
                  for d in inp.type.tensor_type.shape.dim]
         out[inp.name] = rng.normal(0, 1, shape).astype(np.float32)
     return out
+
+
+def dynamic_conv(seed: int = 0) -> onnx.ModelProto:
+    """Conv over images of any height/width, pooled to a fixed-size output."""
+    rng = np.random.default_rng(seed)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    dyn (float[N, 3, H, W] x) => (float[N, 4] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r = Relu (c)
+        c2 = Conv (r, w2, b2)
+        p = GlobalAveragePool (c2)
+        y = Flatten <axis = 1> (p)
+    }
+    """
+    w = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8),
+         "w2": rng.normal(0, 0.3, (4, 8, 1, 1)), "b2": rng.normal(0, 0.1, 4)}
+    return _with_weights(text, w)
+
+
+def log_then_conv(seed: int = 0) -> onnx.ModelProto:
+    """Log of the input feeds a Conv: negative inputs make a NaN activation; a zero branch is constant."""
+    rng = np.random.default_rng(seed)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    logconv (float[N, 2, 4, 4] x) => (float[N, 48] o) {
+        l = Log (x)
+        z = Mul (x, zero)
+        s = Add (l, z)
+        y = Conv (s, w, b)
+        zc = Conv (z, w, b)
+        t = Add (y, zc)
+        o = Flatten (t)
+    }
+    """
+    model = _with_weights(text, {"w": rng.normal(0, 0.3, (3, 2, 1, 1)), "b": rng.normal(0, 0.1, 3),
+                                 "zero": np.zeros(1)})
+    return model

@@ -39,3 +39,13 @@ def test_sample_runs_as_integer_kernels(sample_int8, tmp_path):
     ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 2, ops
     assert not {"Conv", "Gemm", "MatMul"} & set(ops), ops
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "mse"])
+def test_sample_each_method_within_half_a_point(method, tmp_path):
+    from qtool.config import CalibrateOptions
+    out = tmp_path / "q.onnx"
+    qtool.quantize(SAMPLE / "model.onnx", out, data=SAMPLE / "calib.npz",
+                   calibrate_options=CalibrateOptions(method=method))
+    report = qtool.evaluate(SAMPLE / "model.onnx", out, SAMPLE / "eval.npz", options=EvalOptions(repeats=2))
+    assert report.accuracy_drop <= 0.005, (method, report.accuracy_drop)

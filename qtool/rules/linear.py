@@ -32,6 +32,8 @@ def _output(node: onnx.NodeProto, ctx: Context, float_ok: bool):
     """Decide the output of a linear op: quantized, fused into Relu/Clip, or float."""
     out = node.output[0]
     act = _fused_activation(node, ctx)
+    if act is not None and ctx.is_model_output(act.output[0]):
+        out, act = act.output[0], None
     if act is not None:
         ctx.fused[ctx.node_key(act)] = ctx.node_key(node)
         return None, f"quantized after the fused {act.op_type}"
