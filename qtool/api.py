@@ -73,19 +73,23 @@ def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
          options: QuantizeOptions = QuantizeOptions(), method: str | None = None) -> Plan:
     """The quantization plan; with a table, activation parameters are filled in."""
     from .planner import apply_table, plan as make_plan
-    p = prepare(model)
+    p = prepare(model, options.preprocess)
     result = make_plan(p.model, options, p.notes)
     if table is None:
         return result
-    table = _load_table(table, p)
-    return apply_table(result, table_ranges(table, method))
+    ranges = table_ranges(_load_table(table, p, options), method)
+    return apply_table(make_plan(p.model, options, p.notes, ranges), ranges, p.model)
 
 
-def _load_table(table, p: Prepared) -> CalibrationTable:
+def _load_table(table, p: Prepared, options: QuantizeOptions) -> CalibrationTable:
     if not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
     if table.model_sha256 != p.sha256:
         raise TableError("calibration table was made for another model (sha256 differs); calibrate this model again")
+    if table.params.get("preprocess", True) != options.preprocess:
+        raise TableError("calibration table was made with pre-processing "
+                         f"{'on' if table.params.get('preprocess', True) else 'off'}; quantize the same way "
+                         "(--no-preprocess must match) or calibrate again")
     return table
 
 
@@ -105,14 +109,15 @@ def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOpti
     from .calib.methods import finish
     from .calib.observers import make_observer
     from .planner import plan as make_plan
-    p = prepare(model)
+    p = prepare(model, quantize_options.preprocess)
     ds = open_data(data, p.model)
     tensors = make_plan(p.model, quantize_options, p.notes).activations_to_calibrate()
     batch_size = _batch_size(p.model, options.batch_size)
     observers, samples, batches = collect(p.model, tensors, ds.batches(batch_size, options.limit),
                                           lambda: make_observer(options), on_batch, threads)
     stats = {name: finish(obs, options) for name, obs in observers.items()}
-    return CalibrationTable(p.sha256, options.method, _method_params(options), samples, batches, stats,
+    params = dict(_method_params(options), preprocess=quantize_options.preprocess)
+    return CalibrationTable(p.sha256, options.method, params, samples, batches, stats,
                             __version__, notes=p.notes)
 
 
@@ -152,11 +157,12 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
     out = model_io.check_output_path(output, model)
     if table is None and data is None:
         raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
-    p = prepare(model)
+    p = prepare(model, options.preprocess)
     if table is None:
         table = calibrate(model, data, calibrate_options, options, on_batch)
-    table = _load_table(table, p)
-    the_plan = apply_table(make_plan(p.model, options, p.notes), table_ranges(table, method))
+    table = _load_table(table, p, options)
+    ranges = table_ranges(table, method)
+    the_plan = apply_table(make_plan(p.model, options, p.notes, ranges), ranges, p.model)
     result = qdq.apply(p.model, the_plan)
     check_quantized(result)
     model_io.save(result, out)

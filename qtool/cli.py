@@ -106,11 +106,12 @@ def _parse_shapes(values) -> dict:
               help="Kept mass for --method percentile (default 99.999).")
 @click.option("--symmetric/--asymmetric", default=None, help="Range symmetric around zero.")
 @click.option("--moving-average", is_flag=True, default=None, help="minmax: average per-batch extremes.")
+@click.option("--preprocess/--no-preprocess", default=None, help="Must match the later quantize (default on).")
 @click.option("--merge", "merge", multiple=True, type=click.Path(), help="Merge tables of data shards instead.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset (its [calibrate] table).")
 @handle_errors
 def calibrate(model, data, output, method, batch_size, limit, bins, percentile, symmetric,
-              moving_average, merge, preset):
+              moving_average, preprocess, merge, preset):
     """Collect per-tensor statistics into a reusable calibration table."""
     from . import api
     from .config import override
@@ -126,7 +127,8 @@ def calibrate(model, data, output, method, batch_size, limit, bins, percentile, 
     ds = api.Dataset(data)
     total = ds.num_samples if opts.limit is None else min(opts.limit, ds.num_samples)
     with _progress(total, "calibrate") as bar:
-        table = api.calibrate(model, ds, opts, _preset(preset).quantize, on_batch=bar.update)
+        qopts = override(_preset(preset).quantize, preprocess=preprocess)
+        table = api.calibrate(model, ds, opts, qopts, on_batch=bar.update)
     table.save(output)
     click.echo(f"wrote {output}: {len(table.tensors)} tensors, {table.samples} samples, method {table.method}")
 
@@ -152,11 +154,14 @@ def _merge(paths, model, output):
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default).")
 @click.option("--activation-type", type=click.Choice(["int8", "uint8"]), default=None)
 @click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep these nodes or op types float.")
+@click.option("--preprocess/--no-preprocess", default=None,
+              help="Constant folding, BatchNorm/Pad folding before planning (default on).")
 @click.option("--explain", is_flag=True, help="Print the plan: node, decision, reason.")
 @click.option("--save-plan", type=click.Path(), help="Also write the plan as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([quantize] and [calibrate]).")
 @handle_errors
-def quantize(model, output, table, data, method, per_channel, activation_type, exclude, explain, save_plan, preset):
+def quantize(model, output, table, data, method, per_channel, activation_type, exclude, preprocess, explain,
+             save_plan, preset):
     """Static int8 quantization in QDQ form."""
     from . import api
     from .config import override
@@ -166,7 +171,7 @@ def quantize(model, output, table, data, method, per_channel, activation_type, e
         raise QtoolError("give either --table or --data, not both")
     check_output_path(output, model, table, data)
     cfg = _preset(preset)
-    qopts = override(cfg.quantize, per_channel=per_channel, activation_type=activation_type,
+    qopts = override(cfg.quantize, per_channel=per_channel, activation_type=activation_type, preprocess=preprocess,
                      exclude=tuple(cfg.quantize.exclude) + tuple(exclude) if exclude else None)
     copts = override(cfg.calibrate, method=method)
     bar = None

@@ -62,6 +62,8 @@ class QuantizeOptions:
     per_channel: one weight scale per output channel (Conv axis 0, MatMul/Gemm
     output features). activation_type: int8 or uint8 activations, asymmetric
     unless activation_symmetric. exclude: node names or op types left in float.
+    preprocess: constant folding, Constant->initializer, BatchNorm and Pad
+    folding before planning (opset upgrade and shape inference always run).
     """
 
     format: str = "qdq"
@@ -70,6 +72,7 @@ class QuantizeOptions:
     activation_symmetric: bool = False
     weight_type: str = "int8"
     exclude: tuple[str, ...] = ()
+    preprocess: bool = True
 
     def __post_init__(self):
         _choice("quantize.format", self.format, FORMATS)

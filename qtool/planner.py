@@ -9,18 +9,21 @@ import onnx
 from .config import QuantizeOptions
 from .errors import TableError
 from .graph import GraphView
+from .graph.patterns import float_patterns
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
-from .qparams import QType, choose_qparams
-from .rules import RULES, Act, Bias, Context, NodeRule, Share, Skip, Weight
+from .qparams import PerTensor, QType, choose_qparams, weight_qparams
+from .rules import RULES, Act, Bias, Context, NodeRule, Optional, Share, Skip, Weight
 
 
-def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...] = ()) -> Plan:
+def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...] = (),
+         ranges: dict[str, tuple[float, float]] | None = None) -> Plan:
     """Decide, node by node in topological order, what is quantized and why.
 
-    Activation parameters are left empty; :func:`apply_table` fills them.
+    ``ranges`` (calibrated, when known) lets range-dependent rules (Concat)
+    decide; activation parameters are filled by :func:`apply_table`.
     """
     view = GraphView(model)
-    ctx = Context(view, options)
+    ctx = Context(view, options, patterns=float_patterns(view), ranges=ranges)
     tensors: dict[str, TensorPlan] = {}
     nodes = []
     for node in view.nodes:
@@ -31,6 +34,9 @@ def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...
         _record_inputs(node, decision, ctx, tensors)
         _record_output(node, decision, ctx, tensors)
         nodes.append(NodePlan(view.node_name(node), node.op_type, True, decision.reason))
+    for out, producer in ctx.optional.items():
+        tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP,
+                                  f"output of {producer}: float (no quantized consumer; int8 kernel with float output)")
     return Plan(tensors, tuple(nodes), tuple(notes))
 
 
@@ -40,20 +46,18 @@ def _decide(node: onnx.NodeProto, ctx: Context):
         return Skip("excluded by the user")
     if node.domain not in ("", "ai.onnx"):
         return Skip(f"op from domain {node.domain!r} is not quantized")
+    if name in ctx.patterns:
+        return Skip(f"part of a {ctx.patterns[name]} pattern: stays float (quantizing its small ops loses accuracy)")
     rule = RULES.get(node.op_type)
     if rule is None:
-        return Skip(f"no int8 rule for {node.op_type}; stays float")
+        return Skip(f"no int8 kernel for {node.op_type} on the CPU EP; stays float")
     decision = rule(node, ctx)
     if isinstance(decision, NodeRule):
         for index, spec in decision.inputs.items():
             tensor = node.input[index]
-            if isinstance(spec, Act) and not ctx.view.is_float(tensor) and not ctx.is_quantized(tensor):
+            if isinstance(spec, Act) and not ctx.view.is_float(tensor) and not ctx.is_int8_capable(tensor):
                 return Skip(f"input {tensor} is not float32 (or its type is unknown)")
     return decision
-
-
-def _act_qtype(ctx: Context) -> str:
-    return ctx.options.activation_type
 
 
 def _record_inputs(node, decision: NodeRule, ctx: Context, tensors: dict) -> None:
@@ -61,10 +65,7 @@ def _record_inputs(node, decision: NodeRule, ctx: Context, tensors: dict) -> Non
     for index, spec in decision.inputs.items():
         tensor = node.input[index]
         if isinstance(spec, Act):
-            if tensor not in tensors:
-                tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.QUANTIZE, f"input of {name}",
-                                             _act_qtype(ctx), ctx.options.activation_symmetric)
-                ctx.quantized[tensor] = name
+            _quantize_activation(tensor, f"input of {name}", ctx, tensors)
         elif isinstance(spec, Weight):
             granularity = "per-tensor" if spec.axis is None else f"per-axis {spec.axis}"
             tensors[tensor] = TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {name}, {granularity}",
@@ -76,27 +77,44 @@ def _record_inputs(node, decision: NodeRule, ctx: Context, tensors: dict) -> Non
                                          source=node.input[spec.input_index], weight=node.input[spec.weight_index])
 
 
+def _quantize_activation(tensor: str, why: str, ctx: Context, tensors: dict) -> None:
+    """Mark an activation int8; an optional output (MatMul/Gemm) is promoted."""
+    if tensor in ctx.optional:
+        producer = ctx.optional.pop(tensor)
+        why = f"output of {producer} (int8 because a quantized consumer reads it)"
+    elif tensor in tensors and tensors[tensor].action is not Action.SKIP:
+        return
+    tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.QUANTIZE, why, ctx.options.activation_type,
+                                 ctx.options.activation_symmetric)
+    ctx.quantized[tensor] = why
+
+
 def _record_output(node, decision: NodeRule, ctx: Context, tensors: dict) -> None:
     out = node.output[0]
     name = ctx.view.node_name(node)
     if isinstance(decision.output, Act):
-        tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.QUANTIZE, f"output of {name}",
-                                  _act_qtype(ctx), ctx.options.activation_symmetric)
-        ctx.quantized[out] = name
+        _quantize_activation(out, f"output of {name}", ctx, tensors)
+    elif isinstance(decision.output, Optional):
+        ctx.optional[out] = name
     elif isinstance(decision.output, Share):
         src = node.input[decision.output.input_index]
+        if src in ctx.optional:
+            _quantize_activation(src, "", ctx, tensors)
         root = tensors[src]
         tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SHARE, decision.output_reason,
-                                  root.qtype, root.symmetric, source=src)
+                                  root.qtype if root.role is Role.ACTIVATION else ctx.options.activation_type,
+                                  root.symmetric, source=src)
         ctx.quantized[out] = name
     elif out and ctx.view.is_float(out):
         tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP, f"output of {name}: {decision.output_reason}")
 
 
-def apply_table(plan_: Plan, ranges: dict[str, tuple[float, float]]) -> Plan:
+def apply_table(plan_: Plan, ranges: dict[str, tuple[float, float]], model: onnx.ModelProto | None = None) -> Plan:
     """Fill activation scale/zero point from calibrated ranges (SHARE copies its source).
 
-    ``ranges`` maps tensor name -> (lo, hi). A tensor missing from it is a TableError.
+    ``ranges`` maps tensor name -> (lo, hi); a tensor missing from it is a
+    TableError. A SHARE of a weight (Gather rows) takes the weight's own
+    per-tensor parameters, computed from ``model``'s initializer.
     """
     tensors = dict(plan_.tensors)
     for name, t in plan_.tensors.items():
@@ -107,12 +125,24 @@ def apply_table(plan_: Plan, ranges: dict[str, tuple[float, float]]) -> Plan:
                              "it was made for another model or other options: calibrate again")
         lo, hi = ranges[name]
         scale, zp = choose_qparams(lo, hi, QType.parse(t.qtype), t.symmetric)
-        tensors[name] = _with_params(t, float(scale), int(zp), (float(lo), float(hi)))
+        tensors[name] = replace(t, scale=float(scale), zero_point=int(zp), range=(float(lo), float(hi)))
+    view = GraphView(model) if model is not None else None
     for name, t in plan_.tensors.items():
         if t.role is Role.ACTIVATION and t.action is Action.SHARE:
             root = _share_root(tensors, name)
-            tensors[name] = _with_params(t, root.scale, root.zero_point, root.range)
+            if root.role is Role.WEIGHT:
+                tensors[name] = _weight_share(t, root, view)
+            else:
+                tensors[name] = replace(t, scale=root.scale, zero_point=root.zero_point, range=root.range)
     return plan_.with_tensors(tensors)
+
+
+def _weight_share(t: TensorPlan, weight: TensorPlan, view: GraphView | None) -> TensorPlan:
+    if view is None:
+        raise ValueError("apply_table needs the model to share a weight's parameters")
+    scale, zp = weight_qparams(view.array(weight.name), QType.parse(weight.qtype), PerTensor(), weight.symmetric)
+    rng = (float(scale) * (QType.parse(weight.qtype).qmin - int(zp)), float(scale) * (QType.parse(weight.qtype).qmax - int(zp)))
+    return replace(t, qtype=weight.qtype, symmetric=weight.symmetric, scale=float(scale), zero_point=int(zp), range=rng)
 
 
 def _share_root(tensors: dict, name: str) -> TensorPlan:
@@ -122,7 +152,3 @@ def _share_root(tensors: dict, name: str) -> TensorPlan:
         seen.add(t.source)
         t = tensors[t.source]
     return t
-
-
-def _with_params(t: TensorPlan, scale, zp, rng) -> TensorPlan:
-    return replace(t, scale=scale, zero_point=zp, range=rng)

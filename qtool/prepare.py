@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import onnx
 
 from . import model as model_io
-from .graph import infer_shapes
 
 
 @dataclass(frozen=True)
@@ -18,14 +17,11 @@ class Prepared:
     notes: tuple[str, ...]
 
 
-def prepare(path) -> Prepared:
-    """Load, upgrade the opset to 13 when needed, infer shapes; report each step."""
+def prepare(path, preprocess: bool = True) -> Prepared:
+    """Load, then run the pre-processing passes (opset upgrade and shape inference
+    always; constant folding, Constant->initializer, BatchNorm and Pad folding
+    unless ``preprocess`` is False); every step that changed something is noted."""
+    from .preprocess import run_all
     m = model_io.load(path)
-    notes = []
-    m, note = model_io.ensure_opset(m)
-    if note:
-        notes.append(note)
-    m, note = infer_shapes(m)
-    if note:
-        notes.append(note)
-    return Prepared(m, model_io.sha256_file(path), tuple(notes))
+    result = run_all(m, preprocess)
+    return Prepared(result.model, model_io.sha256_file(path), result.notes)

@@ -46,7 +46,7 @@ def matmul_mlp(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
-    mlp (float[B, 4, 16] x) => (float[B, 4, 4] y, float[B, 4, 8] h2) {
+    mlp (float[B, 4, 16] x) => (float[B, 4, 4] y) {
         h = MatMul (x, w1)
         hb = Add (h, b1)
         hr = Relu (hb)

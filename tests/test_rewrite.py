@@ -85,7 +85,11 @@ def test_matmul_weights_and_activations(tmp_path):
     assert counts["MatMul"] == 3
     decided = {n.name or n.op_type: n for n in result.plan.nodes}
     assert sum(n.quantized for n in result.plan.nodes if n.op_type == "MatMul") == 3
-    assert not any(n.quantized for n in result.plan.nodes if n.op_type == "Add")
+    assert not any(n.quantized for n in result.plan.nodes if n.op_type in ("Add", "Relu"))
+    t = result.plan.tensors
+    assert t["h"].action.value == "skip"  # first MatMul: float output, its consumer (bias Add) is float
+    assert t["h2"].action.value == "quantize" and t["t"].action.value == "share"
+    assert counts["QuantizeLinear"] == 4  # x, hr, h2, t
     feeds = models.random_inputs(m, 16, seed=7)
     ref, got = run(src, feeds), run(str(out), feeds)
     for a, b in zip(ref, got):

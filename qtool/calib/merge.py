@@ -30,7 +30,7 @@ def merge_tables(tables: list[CalibrationTable]) -> CalibrationTable:
 
 
 def _method_params(t: CalibrationTable) -> dict:
-    return {k: v for k, v in t.params.items() if k != "batch_size"}
+    return {k: v for k, v in t.params.items() if k not in ("batch_size",)}
 
 
 def _merge_stats(parts: list[TensorStats], table: CalibrationTable) -> TensorStats:

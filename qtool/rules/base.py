@@ -1,8 +1,11 @@
 """What a rule returns, and what it may ask of the planner.
 
 A rule looks at one node and answers either ``Skip(reason)`` or a ``NodeRule``
-that says, per input index, how it is quantized (``Act``, ``Weight`` or
-``Bias``) and what happens to its output (``Act``, ``Share`` or None).
+that says, per input index, how it is quantized (``Act``, ``Weight``,
+``Bias``) and what happens to its output: ``Act`` (int8 output required for an
+integer kernel), ``Optional`` (the kernel can also produce float, e.g.
+MatMulIntegerToFloat and QGemm: the output is int8 only if a quantized consumer
+reads it), ``Share`` (same parameters as an input or a weight) or None.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from ..graph import GraphView
 @dataclass(frozen=True)
 class Act:
     """An activation with its own parameters from calibration."""
+
+
+@dataclass(frozen=True)
+class Optional:
+    """An output that is int8 only if a quantized consumer wants it."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class Share:
 @dataclass(frozen=True)
 class NodeRule:
     inputs: dict
-    output: Act | Share | None
+    output: Act | Optional | Share | None
     reason: str
     output_reason: str = ""
 
@@ -60,20 +68,35 @@ class Context:
     """What the planner knows so far, in topological order.
 
     ``quantized`` maps activation tensors already represented in int8 to the
-    node that decided it; ``fused`` holds activation nodes (Relu, Clip) that a
-    preceding quantized op absorbs.
+    node that decided it; ``optional`` holds outputs that may become int8 if a
+    consumer wants them; ``fused`` holds activation nodes (Relu, Clip) that a
+    preceding quantized op absorbs; ``patterns`` maps node names to the float
+    pattern (LayerNorm, GELU, Swish) they belong to; ``ranges`` holds
+    calibrated ranges once known.
     """
 
     view: GraphView
     options: QuantizeOptions
     quantized: dict[str, str] = field(default_factory=dict)
+    optional: dict[str, str] = field(default_factory=dict)
     fused: dict[str, str] = field(default_factory=dict)
+    patterns: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] | None = None
 
     def is_quantized(self, tensor: str) -> bool:
         return tensor in self.quantized
+
+    def is_int8_capable(self, tensor: str) -> bool:
+        """Already int8, or the output of a quantized node that can emit int8."""
+        return tensor in self.quantized or tensor in self.optional
 
     def is_model_output(self, tensor: str) -> bool:
         return tensor in self.view.graph_outputs
 
     def node_key(self, node: onnx.NodeProto) -> str:
         return self.view.node_name(node)
+
+
+def float_inputs(node: onnx.NodeProto, ctx: Context) -> list[str]:
+    """Activation inputs of ``node`` that are not (and cannot cheaply become) int8."""
+    return [t for t in node.input if t and not ctx.view.is_initializer(t) and not ctx.is_int8_capable(t)]

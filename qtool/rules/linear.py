@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from .base import Act, Bias, Context, NodeRule, Share, Skip, Weight
+from .base import Act, Bias, Context, NodeRule, Optional, Skip, Weight, float_inputs
 
 FUSABLE_ACTIVATIONS = ("Relu", "Clip")
 
@@ -41,6 +41,8 @@ def _output(node: onnx.NodeProto, ctx: Context, float_ok: bool):
         if float_ok:
             return None, "model output stays float (int8 kernel with float output)"
         return Skip("output is a model output and onnxruntime has no int8 kernel with float output for this op"), ""
+    if float_ok:
+        return Optional(), "int8 only if a quantized consumer reads it, else float (int8 kernel with float output)"
     return Act(), "quantized"
 
 
@@ -90,6 +92,10 @@ def matmul(node: onnx.NodeProto, ctx: Context):
         inputs = {0: Act(), 1: Weight(_weight_axis(ctx, len(dims) - 1) if len(dims) == 2 else None)}
         what = "int8 MatMul (weights per column)" if len(dims) == 2 and ctx.options.per_channel else "int8 MatMul"
     else:
+        floats = float_inputs(node, ctx)
+        if floats:
+            return Skip(f"activation x activation MatMul whose input {floats[0]} comes from a float op: "
+                        "two Q nodes per call cost more than the int8 kernel saves")
         inputs = {0: Act(), 1: Act()}
         what = "int8 MatMul of two activations"
     output, why = _output(node, ctx, float_ok=True)

@@ -1,0 +1,253 @@
+"""Pre-processing passes: small functions, model in, (new model, note) out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import model as model_io
+from ..graph import GraphView, infer_shapes
+
+
+@dataclass(frozen=True)
+class PassResult:
+    model: onnx.ModelProto
+    notes: tuple[str, ...]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """``Constant`` nodes (as some exporters write weights) become initializers,
+    so that the planner quantizes them as weights."""
+    m = _copy(model)
+    keep, moved = [], 0
+    for node in m.graph.node:
+        value = _constant_value(node)
+        if value is None:
+            keep.append(node)
+            continue
+        m.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    if not moved:
+        return model, None
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m, f"{moved} Constant nodes turned into initializers"
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    simple = {"value_float": np.float32, "value_int": np.int64}
+    lists = {"value_floats": np.float32, "value_ints": np.int64}
+    if attr.name in simple:
+        return np.array(helper.get_attribute_value(attr), dtype=simple[attr.name])
+    if attr.name in lists:
+        return np.array(helper.get_attribute_value(attr), dtype=lists[attr.name])
+    return None
+
+
+FOLD_DENY = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
+             "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
+FOLD_MAX_ELEMENTS = 1 << 24
+
+
+def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Evaluate nodes whose inputs are all constants (e.g. a transposed weight),
+    with onnx's reference evaluator, and store the results as initializers."""
+    from onnx.reference import ReferenceEvaluator
+    m = _copy(model)
+    values = {t.name: t for t in m.graph.initializer}
+    outputs = {o.name for o in m.graph.output}
+    keep, folded = [], 0
+    for node in m.graph.node:
+        inputs = [i for i in node.input if i]
+        if (node.domain not in ("", "ai.onnx") or node.op_type in FOLD_DENY or not inputs
+                or not all(i in values for i in inputs) or any(o in outputs for o in node.output)):
+            keep.append(node)
+            continue
+        result = _evaluate(ReferenceEvaluator, node, values, m)
+        if result is None:
+            keep.append(node)
+            continue
+        for name, arr in zip(node.output, result):
+            values[name] = numpy_helper.from_array(np.asarray(arr), name)
+            m.graph.initializer.append(values[name])
+        folded += 1
+    if not folded:
+        return model, None
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    _drop_unused_initializers(m)
+    return m, f"folded {folded} nodes with constant inputs"
+
+
+def _evaluate(evaluator, node, values, m) -> list | None:
+    try:
+        feeds = {i: numpy_helper.to_array(values[i]) for i in node.input if i}
+        if sum(a.size for a in feeds.values()) > FOLD_MAX_ELEMENTS:
+            return None
+        graph = helper.make_graph([node], "fold", [helper.make_tensor_value_info(k, values[k].data_type, None)
+                                                   for k in feeds],
+                                  [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                                   for o in node.output if o])
+        tiny = helper.make_model(graph, opset_imports=list(m.opset_import))
+        out = evaluator(tiny).run(None, feeds)
+        if any(np.asarray(o).size > FOLD_MAX_ELEMENTS for o in out):
+            return None
+        return out
+    except Exception:
+        return None
+
+
+def _drop_unused_initializers(m: onnx.ModelProto) -> None:
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    for sub in (n for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
+        used |= {i for a in sub.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node for i in n.input}
+    keep = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    inits = {t.name for t in keep}
+    all_inits = inits
+    kept_inputs = [i for i in m.graph.input if i.name in used or i.name not in all_inits]
+    del m.graph.input[:]
+    m.graph.input.extend(kept_inputs)
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Conv -> BatchNormalization (inference, constant statistics) becomes one Conv."""
+    view = GraphView(model)
+    m = _copy(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    remove, folded = set(), 0
+    for conv in m.graph.node:
+        if conv.op_type != "Conv" or conv.input[1] not in inits:
+            continue
+        bn = view.sole_consumer(conv.output[0])
+        if bn is None or bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
+            continue
+        if not all(i in inits for i in bn.input[1:5]):
+            continue
+        _fold_bn_into(conv, bn, inits, m, view)
+        remove.add(view.node_name(bn))
+        folded += 1
+    if not folded:
+        return model, None
+    keep = [n for n in m.graph.node if view.node_name(n) not in remove]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    _drop_unused_initializers(m)
+    return m, f"folded {folded} BatchNormalization nodes into Conv"
+
+
+def _fold_bn_into(conv, bn, inits, m, view) -> None:
+    scale, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+    eps = view.attr(bn, "epsilon", 1e-5)
+    factor = scale / np.sqrt(var + eps)
+    w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+    b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+        else np.zeros(w.shape[0])
+    new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+    new_b = ((b - mean) * factor + beta).astype(np.float32)
+    w_name, b_name = f"{conv.input[1]}_bnfolded", f"{conv.output[0]}_bias_bnfolded"
+    m.graph.initializer.extend([numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)])
+    inputs = [conv.input[0], w_name, b_name]
+    del conv.input[:]
+    conv.input.extend(inputs)
+    conv.output[0] = bn.output[0]
+
+
+def fold_pad_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Pad(constant 0, spatial dims only) -> Conv becomes the Conv's own ``pads``, so
+    that DequantizeLinear feeds the Conv directly and onnxruntime can fuse it."""
+    view = GraphView(model)
+    m = _copy(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    remove, folded = set(), 0
+    for pad in m.graph.node:
+        conv = view.sole_consumer(pad.output[0]) if pad.op_type == "Pad" else None
+        if conv is None or conv.op_type != "Conv" or conv.input[0] != pad.output[0]:
+            continue
+        pads = _zero_spatial_pads(pad, inits, view)
+        if pads is None or view.attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        _merge_pads(conv, pads, pad.input[0])
+        remove.add(view.node_name(pad))
+        folded += 1
+    if not folded:
+        return model, None
+    keep = [n for n in m.graph.node if view.node_name(n) not in remove]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    _drop_unused_initializers(m)
+    return m, f"folded {folded} zero Pad nodes into the following Conv"
+
+
+def _zero_spatial_pads(pad, inits, view) -> list[int] | None:
+    mode = view.attr(pad, "mode", b"constant")
+    if mode not in (b"constant", "constant") or len(pad.input) < 2 or pad.input[1] not in inits:
+        return None
+    if len(pad.input) > 2 and pad.input[2]:
+        if pad.input[2] not in inits or np.any(numpy_helper.to_array(inits[pad.input[2]]) != 0):
+            return None
+    if len(pad.input) > 3 and pad.input[3]:
+        return None
+    pads = numpy_helper.to_array(inits[pad.input[1]]).astype(int).tolist()
+    rank = len(pads) // 2
+    if rank < 3 or any(pads[i] != 0 or pads[i + rank] != 0 for i in range(2)) or min(pads) < 0:
+        return None
+    return pads[2:rank] + pads[rank + 2:]
+
+
+def _merge_pads(conv, extra: list[int], new_input: str) -> None:
+    current = None
+    for a in conv.attribute:
+        if a.name == "pads":
+            current = list(a.ints)
+            conv.attribute.remove(a)
+            break
+    current = current or [0] * len(extra)
+    conv.attribute.append(helper.make_attribute("pads", [a + b for a, b in zip(current, extra)]))
+    conv.input[0] = new_input
+
+
+def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    return model_io.ensure_opset(model)
+
+
+def shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """onnx's shape inference; report how many activations still lack a type."""
+    inferred, note = infer_shapes(model)
+    view = GraphView(inferred)
+    missing = [o for n in view.nodes for o in n.output if o and view.elem_type(o) is None]
+    if missing:
+        extra = f"shape inference left {len(missing)} tensors without a type (e.g. {missing[0]}); carrying on with what is known"
+        note = f"{note}; {extra}" if note else extra
+    return inferred, note
+
+
+ALL_PASSES = (upgrade_opset, constants_to_initializers, fold_constants, fold_batchnorm, fold_pad_into_conv)
+
+
+def run_all(model: onnx.ModelProto, enabled: bool = True) -> PassResult:
+    """Opset upgrade always (QDQ needs 13); the rest only when ``enabled``; shapes last."""
+    notes = []
+    for p in ALL_PASSES if enabled else (upgrade_opset,):
+        model, note = p(model)
+        if note:
+            notes.append(note)
+    model, note = shapes(model)
+    if note:
+        notes.append(note)
+    return PassResult(model, tuple(notes))
