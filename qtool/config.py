@@ -60,15 +60,18 @@ class QuantizeOptions:
     """What the planner may quantize and how.
 
     per_channel: one weight scale per output channel (Conv axis 0, MatMul/Gemm
-    output features). activation_type: int8 or uint8 activations, asymmetric
-    unless activation_symmetric. exclude: node names or op types left in float.
+    output features). activation_type: uint8 (default) or int8 activations,
+    asymmetric unless activation_symmetric. uint8 is the default because on
+    x86-64 onnxruntime runs QDQ Conv as U8S8 and converts int8 activations to
+    uint8 only where a QuantizeLinear feeds a single DequantizeLinear; a tensor
+    with several consumers (residuals, branches) then keeps its Conv in float. exclude: node names or op types left in float.
     preprocess: constant folding, Constant->initializer, BatchNorm and Pad
     folding before planning (opset upgrade and shape inference always run).
     """
 
     format: str = "qdq"
     per_channel: bool = True
-    activation_type: str = "int8"
+    activation_type: str = "uint8"
     activation_symmetric: bool = False
     weight_type: str = "int8"
     exclude: tuple[str, ...] = ()

@@ -39,7 +39,7 @@ def test_bad_presets(tmp_path, text, needle):
 
 def test_cnn_preset_values():
     preset = load_preset(next(p for p in CONFIGS if p.name == "cnn-cpu.toml"))
-    assert preset.quantize == QuantizeOptions(per_channel=True, activation_type="int8")
+    assert preset.quantize == QuantizeOptions(per_channel=True, activation_type="uint8")
     assert preset.calibrate.method == "minmax"
     assert preset.eval.threads == 2
 

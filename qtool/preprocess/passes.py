@@ -127,8 +127,8 @@ def _drop_unused_initializers(m: onnx.ModelProto) -> None:
 
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Conv -> BatchNormalization (inference, constant statistics) becomes one Conv."""
-    view = GraphView(model)
     m = _copy(model)
+    view = GraphView(m)
     inits = {t.name: t for t in m.graph.initializer}
     remove, folded = set(), 0
     for conv in m.graph.node:
@@ -171,8 +171,8 @@ def _fold_bn_into(conv, bn, inits, m, view) -> None:
 def fold_pad_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Pad(constant 0, spatial dims only) -> Conv becomes the Conv's own ``pads``, so
     that DequantizeLinear feeds the Conv directly and onnxruntime can fuse it."""
-    view = GraphView(model)
     m = _copy(model)
+    view = GraphView(m)
     inits = {t.name: t for t in m.graph.initializer}
     remove, folded = set(), 0
     for pad in m.graph.node:
