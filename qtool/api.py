@@ -150,23 +150,37 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
              data=None, options: QuantizeOptions = QuantizeOptions(),
              calibrate_options: CalibrateOptions = CalibrateOptions(), method: str | None = None,
              on_batch: Callable[[int], None] | None = None) -> QuantizeResult:
-    """Static int8 quantization (QDQ): plan, rewrite, check, save atomically."""
+    """Quantize: plan, rewrite (QDQ, QOperator or dynamic), check, save atomically.
+
+    Static mode needs a calibration ``table`` or ``data`` to calibrate on;
+    dynamic mode needs neither.
+    """
     from .check import check_quantized
     from .planner import apply_table, plan as make_plan
-    from .rewrite import qdq
     out = model_io.check_output_path(output, model)
-    if table is None and data is None:
-        raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
     p = prepare(model, options.preprocess)
-    if table is None:
-        table = calibrate(model, data, calibrate_options, options, on_batch)
-    table = _load_table(table, p, options)
-    ranges = table_ranges(table, method)
-    the_plan = apply_table(make_plan(p.model, options, p.notes, ranges), ranges, p.model)
-    result = qdq.apply(p.model, the_plan)
+    if options.mode == "dynamic":
+        the_plan = apply_table(make_plan(p.model, options, p.notes), {}, p.model)
+    else:
+        if table is None and data is None:
+            raise QtoolError("static quantization needs a calibration table (--table) or data (--data); "
+                             "or use --mode dynamic")
+        if table is None:
+            table = calibrate(model, data, calibrate_options, options, on_batch)
+        table = _load_table(table, p, options)
+        ranges = table_ranges(table, method)
+        the_plan = apply_table(make_plan(p.model, options, p.notes, ranges), ranges, p.model)
+    result = _rewriter(options).apply(p.model, the_plan)
     check_quantized(result)
-    model_io.save(result, out)
-    return QuantizeResult(out, the_plan, table, p.notes)
+    model_io.save(result, out, external_data=options.external_data)
+    return QuantizeResult(out, the_plan, table if options.mode == "static" else None, p.notes)
+
+
+def _rewriter(options: QuantizeOptions):
+    from .rewrite import dynamic, qdq, qoperator
+    if options.mode == "dynamic":
+        return dynamic
+    return qoperator if options.format == "qoperator" else qdq
 
 
 def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | Path | None = None,

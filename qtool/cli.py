@@ -151,6 +151,13 @@ def _merge(paths, model, output):
 @click.option("--data", type=click.Path(), help="Calibrate on this data first (minmax unless --method).")
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Range method; with --table, derived from its histograms.")
+@click.option("--mode", type=click.Choice(["static", "dynamic"]), default=None,
+              help="static: activation ranges from calibration (default); dynamic: int8 weights, activations "
+                   "quantized at run time, no data needed.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator"]), default=None,
+              help="qdq: Q/DQ pairs around float ops (default); qoperator: QLinearConv, QLinearMatMul, ...")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write weights to OUT.onnx.data (default: only above 2 GB).")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default).")
 @click.option("--activation-type", type=click.Choice(["int8", "uint8"]), default=None)
 @click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep these nodes or op types float.")
@@ -160,9 +167,9 @@ def _merge(paths, model, output):
 @click.option("--save-plan", type=click.Path(), help="Also write the plan as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([quantize] and [calibrate]).")
 @handle_errors
-def quantize(model, output, table, data, method, per_channel, activation_type, exclude, preprocess, explain,
-             save_plan, preset):
-    """Static int8 quantization in QDQ form."""
+def quantize(model, output, table, data, method, mode, fmt, external_data, per_channel, activation_type, exclude,
+             preprocess, explain, save_plan, preset):
+    """int8 quantization: static (QDQ or QOperator) or dynamic."""
     from . import api
     from .config import override
     from .errors import QtoolError
@@ -171,7 +178,8 @@ def quantize(model, output, table, data, method, per_channel, activation_type, e
         raise QtoolError("give either --table or --data, not both")
     check_output_path(output, model, table, data)
     cfg = _preset(preset)
-    qopts = override(cfg.quantize, per_channel=per_channel, activation_type=activation_type, preprocess=preprocess,
+    qopts = override(cfg.quantize, mode=mode, format=fmt, external_data=external_data, per_channel=per_channel,
+                     activation_type=activation_type, preprocess=preprocess,
                      exclude=tuple(cfg.quantize.exclude) + tuple(exclude) if exclude else None)
     copts = override(cfg.calibrate, method=method)
     bar = None

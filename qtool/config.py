@@ -21,7 +21,7 @@ else:  # pragma: no cover
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 ACTIVATION_TYPES = ("int8", "uint8")
-FORMATS = ("qdq",)
+FORMATS = ("qdq", "qoperator")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,10 @@ class CalibrateOptions:
 class QuantizeOptions:
     """What the planner may quantize and how.
 
+    mode: static (activation ranges from calibration) or dynamic (weights only;
+    activations quantized at run time, no calibration data).
+    format: qdq (QuantizeLinear/DequantizeLinear around float ops) or qoperator
+    (QLinearConv, QLinearMatMul, QLinearAdd ... in one node each).
     per_channel: one weight scale per output channel (Conv axis 0, MatMul/Gemm
     output features). activation_type: uint8 (default) or int8 activations,
     asymmetric unless activation_symmetric. uint8 is the default because on
@@ -67,18 +71,23 @@ class QuantizeOptions:
     with several consumers (residuals, branches) then keeps its Conv in float. exclude: node names or op types left in float.
     preprocess: constant folding, Constant->initializer, BatchNorm and Pad
     folding before planning (opset upgrade and shape inference always run).
+    external_data: write weights to ``<output>.data`` (None: only when the
+    model is too big for one protobuf, 2 GiB).
     """
 
     format: str = "qdq"
+    mode: str = "static"
     per_channel: bool = True
     activation_type: str = "uint8"
     activation_symmetric: bool = False
     weight_type: str = "int8"
     exclude: tuple[str, ...] = ()
     preprocess: bool = True
+    external_data: bool | None = None
 
     def __post_init__(self):
         _choice("quantize.format", self.format, FORMATS)
+        _choice("quantize.mode", self.mode, ("static", "dynamic"))
         _choice("quantize.activation_type", self.activation_type, ACTIVATION_TYPES)
         _choice("quantize.weight_type", self.weight_type, ("int8",))
         object.__setattr__(self, "exclude", tuple(self.exclude))

@@ -13,6 +13,7 @@ from .graph.patterns import float_patterns
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .qparams import PerTensor, QType, choose_qparams, weight_qparams
 from .rules import RULES, Act, Bias, Context, NodeRule, Optional, Share, Skip, Weight
+from .rules import dynamic as dynamic_rules
 
 
 def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...] = (),
@@ -33,11 +34,18 @@ def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...
             continue
         _record_inputs(node, decision, ctx, tensors)
         _record_output(node, decision, ctx, tensors)
-        nodes.append(NodePlan(view.node_name(node), node.op_type, True, decision.reason))
+        nodes.append(_node_plan(node, decision, ctx))
     for out, producer in ctx.optional.items():
         tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP,
                                   f"output of {producer}: float (no quantized consumer; int8 kernel with float output)")
     return Plan(tensors, tuple(nodes), tuple(notes))
+
+
+def _node_plan(node, decision: NodeRule, ctx: Context) -> NodePlan:
+    name = ctx.view.node_name(node)
+    kernel = dynamic_rules.KERNEL if any(isinstance(s, dynamic_rules.Dynamic) for s in decision.inputs.values()) else ""
+    fused_into = ctx.fused.get(name, "")
+    return NodePlan(name, node.op_type, True, decision.reason, kernel, fused_into)
 
 
 def _decide(node: onnx.NodeProto, ctx: Context):
@@ -48,8 +56,11 @@ def _decide(node: onnx.NodeProto, ctx: Context):
         return Skip(f"op from domain {node.domain!r} is not quantized")
     if name in ctx.patterns:
         return Skip(f"part of a {ctx.patterns[name]} pattern: stays float (quantizing its small ops loses accuracy)")
-    rule = RULES.get(node.op_type)
+    dynamic = ctx.options.mode == "dynamic"
+    rule = (dynamic_rules.RULES if dynamic else RULES).get(node.op_type)
     if rule is None:
+        if dynamic:
+            return Skip("dynamic mode quantizes MatMul/Gemm weights and embedding tables only")
         return Skip(f"no int8 kernel for {node.op_type} on the CPU EP; stays float")
     decision = rule(node, ctx)
     if isinstance(decision, NodeRule):
@@ -66,10 +77,13 @@ def _record_inputs(node, decision: NodeRule, ctx: Context, tensors: dict) -> Non
         tensor = node.input[index]
         if isinstance(spec, Act):
             _quantize_activation(tensor, f"input of {name}", ctx, tensors)
+        elif isinstance(spec, dynamic_rules.Dynamic):
+            tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.DYNAMIC, f"input of {name}: uint8 per batch",
+                                         "uint8")
         elif isinstance(spec, Weight):
             granularity = "per-tensor" if spec.axis is None else f"per-axis {spec.axis}"
             tensors[tensor] = TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {name}, {granularity}",
-                                         ctx.options.weight_type, True, spec.axis)
+                                         spec.qtype or ctx.options.weight_type, spec.symmetric, spec.axis)
         elif isinstance(spec, Bias):
             w_spec = decision.inputs[spec.weight_index]
             tensors[tensor] = TensorPlan(tensor, Role.BIAS, Action.DERIVE, f"bias of {name}: s_x * s_w, zero point 0",

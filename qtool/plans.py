@@ -15,6 +15,7 @@ PLAN_FORMAT_VERSION = 1
 
 class Action(str, Enum):
     QUANTIZE = "quantize"  # own parameters (activations from the table, weights from their values)
+    DYNAMIC = "dynamic"    # quantized at run time from each batch's own range (dynamic mode)
     SHARE = "share"        # reuses another tensor's parameters (data-movement ops)
     DERIVE = "derive"      # parameters follow from others (bias: s_x * s_w, zero point 0)
     SKIP = "skip"          # stays float; reason says why
@@ -53,10 +54,16 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class NodePlan:
+    """One node's decision. ``kernel`` names the op a rewriter emits when it is
+    not implied by the format (e.g. DynamicQuantizeMatMul); ``fused_into`` names
+    the node that absorbs this one (a bias Add folded into its MatMul)."""
+
     name: str
     op_type: str
     quantized: bool
     reason: str
+    kernel: str = ""
+    fused_into: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ class Plan:
         width = max([len(n.name) for n in self.nodes] + [4])
         lines = [f"{'node':<{width}}  {'op':<14} decision  reason"]
         for n in self.nodes:
-            lines.append(f"{n.name:<{width}}  {n.op_type:<14} {'int8' if n.quantized else 'float':<9} {n.reason}")
+            lines.append(f"{n.name:<{width}}  {n.op_type:<14} {'int8' if n.quantized else 'float':<9} {n.reason}"
+                         + (f" -> {n.kernel}" if n.kernel else ""))
         acts = [t for t in self.tensors.values() if t.role is Role.ACTIVATION]
         if acts:
             lines.append("")

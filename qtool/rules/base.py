@@ -30,9 +30,13 @@ class Optional:
 
 @dataclass(frozen=True)
 class Weight:
-    """A constant weight; ``axis`` is the per-channel axis or None for per-tensor."""
+    """A constant weight; ``axis`` is the per-channel axis or None for per-tensor.
+    ``qtype``/``symmetric`` override the options' weight type (embedding tables
+    take the activation type so that gathered rows match their consumers)."""
 
     axis: int | None
+    qtype: str | None = None
+    symmetric: bool = True
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,9 @@ def gather(node: onnx.NodeProto, ctx: Context):
         return Skip("not a 2-D float embedding table")
     if ctx.is_model_output(node.output[0]):
         return Skip("output is a model output and stays float")
-    return NodeRule({0: Weight(None)}, Share(0), "int8 embedding table (rows gathered as int8)",
+    table_type = ctx.options.activation_type
+    return NodeRule({0: Weight(None, table_type, symmetric=False)}, Share(0),
+                    f"{table_type} embedding table (rows gathered as {table_type})",
                     f"shares the parameters of the table {table}")
 
 

@@ -1,0 +1,217 @@
+"""QOperator rewriter: each quantized node becomes one integer op (QLinearConv,
+QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd, ...) on int8/uint8 tensors.
+
+Same plan as QDQ. An int8 tensor ``T`` is named ``T_quantized``; a QuantizeLinear
+makes it where a float op produced ``T``, a DequantizeLinear gives ``T`` back to
+float consumers and model outputs where a quantized op produced it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..graph import GraphView
+from ..plans import Action, Plan, Role
+from ..qparams import QType
+from .names import Names
+from .weights import initializer, quantize_bias_tensor, quantize_weight
+
+MS = "com.microsoft"
+UNARY = {"AveragePool": "QLinearAveragePool", "GlobalAveragePool": "QLinearGlobalAveragePool",
+         "Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu"}
+BINARY = {"Add": "QLinearAdd", "Mul": "QLinearMul"}
+
+
+class _Rewrite:
+    def __init__(self, model: onnx.ModelProto, plan: Plan):
+        self.model, self.plan = model, plan
+        self.view = GraphView(model)
+        self.names = Names(model)
+        self.inits: list[onnx.TensorProto] = []
+        self.nodes: list[onnx.NodeProto] = []
+        self.qnames: dict[str, tuple[str, str, str]] = {}
+        self.wq: dict[str, tuple[str, str, str, np.ndarray]] = {}
+        decided = {n.name: n for n in plan.nodes}
+        self.fused = {n.fused_into: n.name for n in plan.nodes if n.fused_into}
+        self.dropped = {n.name for n in plan.nodes if n.fused_into}
+        self.int8_nodes = {k for k, n in decided.items() if n.quantized and k not in self.dropped}
+
+    # -- tensors -----------------------------------------------------------------
+    def const(self, base, value) -> str:
+        name = self.names.fresh(base)
+        self.inits.append(initializer(value, name))
+        return name
+
+    def act(self, tensor: str) -> tuple[str, str, str]:
+        """(int8 name, scale, zero point) of a quantized activation."""
+        if tensor not in self.qnames:
+            t = self.plan.tensors[tensor]
+            qtype = QType.parse(t.qtype)
+            self.qnames[tensor] = (self.names.fresh(f"{tensor}_quantized"),
+                                   self.const(f"{tensor}_scale", np.float32(t.scale)),
+                                   self.const(f"{tensor}_zero_point", np.array(t.zero_point, dtype=qtype.dtype)))
+        return self.qnames[tensor]
+
+    def weight(self, name: str) -> tuple[str, str, str, np.ndarray]:
+        if name not in self.wq:
+            spec = self.plan.tensors[name]
+            q, scale, zp = quantize_weight(self.view.array(name), spec)
+            self.wq[name] = (self.const(f"{name}_quantized", q), self.const(f"{name}_scale", scale),
+                             self.const(f"{name}_zero_point", zp), scale)
+        return self.wq[name]
+
+    def bias(self, name: str, act: str, weight: str) -> str:
+        x_scale = self.plan.tensors[act].scale
+        q, _, _ = quantize_bias_tensor(self.view.array(name), x_scale, self.weight(weight)[3])
+        return self.const(f"{name}_quantized", q)
+
+    def is_int8(self, tensor: str) -> bool:
+        t = self.plan.tensors.get(tensor)
+        return t is not None and t.role is Role.ACTIVATION and t.action in (Action.QUANTIZE, Action.SHARE)
+
+    # -- graph -------------------------------------------------------------------
+    def int8_output(self, node) -> str | None:
+        """The tensor this node's integer kernel emits in int8 (its own, or its fused activation's)."""
+        key = self.view.node_name(node)
+        if self.is_int8(node.output[0]):
+            return node.output[0]
+        fused = self.fused.get(key)
+        if fused:
+            act = next(n for n in self.view.nodes if self.view.node_name(n) == fused)
+            if self.is_int8(act.output[0]):
+                return act.output[0]
+        return None
+
+    def quantize_if_needed(self, tensor: str) -> None:
+        """Emit Q after a float producer when an integer op consumes ``tensor``."""
+        if self.is_int8(tensor) and any(self.view.node_name(c) in self.int8_nodes
+                                        for c in self.view.consumers.get(tensor, [])):
+            q, s, z = self.act(tensor)
+            self.nodes.append(helper.make_node("QuantizeLinear", [tensor, s, z], [q],
+                                               name=self.names.fresh(f"{tensor}_QuantizeLinear")))
+
+    def dequantize_if_needed(self, tensor: str) -> None:
+        """Emit DQ back to ``tensor`` for float consumers and model outputs."""
+        users = self.view.consumers.get(tensor, [])
+        floats = [c for c in users if self.view.node_name(c) not in self.int8_nodes
+                  and self.view.node_name(c) not in self.dropped]
+        if floats or tensor in self.view.graph_outputs:
+            q, s, z = self.act(tensor)
+            self.nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [tensor],
+                                               name=self.names.fresh(f"{tensor}_DequantizeLinear")))
+
+
+def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """Return a new QOperator model; ``model`` is left untouched."""
+    r = _Rewrite(model, plan)
+    for name in r.view.graph_inputs:
+        r.quantize_if_needed(name)
+    for node in r.view.nodes:
+        key = r.view.node_name(node)
+        if key in r.dropped:
+            continue
+        if key not in r.int8_nodes:
+            r.nodes.append(node)
+            for o in node.output:
+                r.quantize_if_needed(o)
+            continue
+        emitted = _emit(node, r)
+        if emitted is not None:
+            r.dequantize_if_needed(emitted)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(r.nodes)
+    out.graph.initializer.extend(r.inits)
+    used = {i for n in out.graph.node for i in n.input}
+    keep = [t for t in out.graph.initializer if t.name in used]
+    removed = {t.name for t in out.graph.initializer} - {t.name for t in keep}
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    inputs = [i for i in out.graph.input if i.name not in removed]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    if not any(o.domain == MS for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS, 1))
+    return out
+
+
+def _emit(node, r: _Rewrite) -> str | None:
+    """Append the integer op for ``node``; return the int8 tensor it produced (or None for float output)."""
+    op = node.op_type
+    out = r.int8_output(node)
+    if op == "Conv":
+        return _conv(node, r, out)
+    if op in ("Gemm", "MatMul"):
+        return _linear(node, r, out)
+    if op in BINARY or op in UNARY or op == "Concat":
+        return _qlinear(node, r, out)
+    if op == "Gather" and r.view.is_initializer(node.input[0]):
+        wq = r.weight(node.input[0])[0]
+        r.nodes.append(helper.make_node("Gather", [wq, node.input[1]], [r.act(out)[0]], name=node.name,
+                                        axis=r.view.attr(node, "axis", 0)))
+        return out
+    inputs = [r.act(node.input[0])[0]] + list(node.input[1:])  # data movement on int8 data
+    r.nodes.append(helper.make_node(op, inputs, [r.act(out)[0]], name=node.name, domain=node.domain,
+                                    **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+    return out
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _conv(node, r: _Rewrite, out: str) -> str:
+    x, s, z = r.act(node.input[0])
+    wq, ws, wz, _ = r.weight(node.input[1])
+    y, ys, yz = r.act(out)
+    inputs = [x, s, z, wq, ws, wz, ys, yz]
+    if len(node.input) > 2 and node.input[2]:
+        inputs.append(r.bias(node.input[2], node.input[0], node.input[1]))
+    r.nodes.append(helper.make_node("QLinearConv", inputs, [y], name=node.name, **_attrs(node)))
+    return out
+
+
+def _linear(node, r: _Rewrite, out: str | None) -> str | None:
+    a, a_s, a_z = r.act(node.input[0])
+    b_name = node.input[1]
+    weight = r.view.is_initializer(b_name)
+    b, b_s, b_z = r.weight(b_name)[:3] if weight else r.act(b_name)
+    if node.op_type == "Gemm":
+        inputs = [a, a_s, a_z, b, b_s, b_z]
+        inputs.append(r.bias(node.input[2], node.input[0], b_name) if len(node.input) > 2 and node.input[2]
+                      and r.plan.tensors.get(node.input[2]) is not None else "")
+        outputs = [r.act(out)[0]] if out else [node.output[0]]
+        if out:
+            inputs += [r.act(out)[1], r.act(out)[2]]
+        attrs = {k: v for k, v in _attrs(node).items() if k in ("transA", "transB", "alpha")}
+        r.nodes.append(helper.make_node("QGemm", inputs, outputs, name=node.name, domain=MS, **attrs))
+        return out
+    if out:
+        y, ys, yz = r.act(out)
+        r.nodes.append(helper.make_node("QLinearMatMul", [a, a_s, a_z, b, b_s, b_z, ys, yz], [y], name=node.name))
+        return out
+    r.nodes.append(helper.make_node("MatMulIntegerToFloat", [a, b, a_s, b_s, a_z, b_z], [node.output[0]],
+                                    name=node.name, domain=MS))
+    return None
+
+
+def _qlinear(node, r: _Rewrite, out: str) -> str:
+    y, ys, yz = r.act(out)
+    op = node.op_type
+    if op == "Concat":
+        inputs = [ys, yz] + [part for t in node.input if t for part in r.act(t)]
+        r.nodes.append(helper.make_node("QLinearConcat", inputs, [y], name=node.name, domain=MS, **_attrs(node)))
+        return out
+    if op in BINARY:
+        inputs = [*r.act(node.input[0]), *r.act(node.input[1]), ys, yz]
+        r.nodes.append(helper.make_node(BINARY[op], inputs, [y], name=node.name, domain=MS))
+        return out
+    attrs = _attrs(node)
+    if op == "GlobalAveragePool":
+        attrs["channels_last"] = 0
+    r.nodes.append(helper.make_node(UNARY[op], [*r.act(node.input[0]), ys, yz], [y], name=node.name, domain=MS,
+                                    **attrs))
+    return out
