@@ -193,9 +193,14 @@ def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | P
     ds = open_data(data, ref)
     check_against_model(ds, model_inputs(cand))
     label_array = _labels(ds, labels, limit)
+    task = None
+    if options.task:
+        from .task import load_task
+        task = load_task(options.task)
     report = run_pair(reference, candidate, ds, label_array, options, limit,
-                      _size_on_disk(reference), _size_on_disk(candidate))
-    return judge(report, Thresholds(options.max_drop, options.min_agreement, options.min_cosine))
+                      _size_on_disk(reference), _size_on_disk(candidate), task)
+    return judge(report, Thresholds(options.max_drop, options.min_agreement, options.min_cosine,
+                                    options.max_task_drop))
 
 
 def _labels(ds: Dataset, labels, limit) -> np.ndarray | None:

@@ -214,11 +214,13 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
 @click.option("--max-drop", type=float, default=None, help="Fail if accuracy drops more (0.003 = 0.3 points).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None, help="Fail below this top-1 agreement.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Fail below this cosine similarity.")
+@click.option("--task", type=click.Path(), help="Task-metric file (reduce/score hooks; see qtool/task.py).")
+@click.option("--max-task-drop", type=float, default=None, help="Fail if the task metric drops more.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([eval]).")
 @handle_errors
 def eval_cmd(reference, candidate, data, labels, provider, batch_size, threads, repeats, limit,
-             max_drop, min_agreement, min_cosine, json_path, preset):
+             max_drop, min_agreement, min_cosine, task, max_task_drop, json_path, preset):
     """Accuracy, error, size and latency of two models side by side; gates for CI."""
     from . import api
     from .config import override
@@ -227,7 +229,8 @@ def eval_cmd(reference, candidate, data, labels, provider, batch_size, threads, 
     if json_path:
         check_output_path(json_path, reference, candidate, data)
     opts = override(_preset(preset).eval, provider=provider, batch_size=batch_size, threads=threads,
-                    repeats=repeats, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine)
+                    repeats=repeats, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
+                    task=task, max_task_drop=max_task_drop)
     if opts.provider == "cuda":
         from . import runtime
         note = runtime.pick_provider("cuda").note

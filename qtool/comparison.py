@@ -11,7 +11,7 @@ from .evaluation import Latency, OutputStats, Report
 
 
 def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, options: EvalOptions,
-             limit: int | None, size_ref: int, size_cand: int) -> Report:
+             limit: int | None, size_ref: int, size_cand: int, task=None) -> Report:
     choice = runtime.pick_provider(options.provider)
     notes = [choice.note] if choice.note else []
     sess_r = runtime.session(str(reference), choice.used, options.threads)
@@ -21,6 +21,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
     stats = {n: OutputStats(n) for n in names}
     correct_r = correct_c = seen = 0
     first = None
+    rows_r, rows_c = [], []
     for batch in ds.batches(options.batch_size, limit):
         feeds = {k: batch[k] for k in inputs}
         first = first or feeds
@@ -28,6 +29,9 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         out_c = runtime.run(sess_c, feeds)
         for name, a, b in zip(names, out_r, out_c):
             stats[name].update(a, b)
+        if task is not None:
+            rows_r.append(np.asarray(task.reduce(dict(zip(names, out_r)), batch)))
+            rows_c.append(np.asarray(task.reduce(dict(zip(names, out_c)), batch)))
         if labels is not None:
             y = labels[seen:seen + len(out_r[0])]
             correct_r += int((out_r[0].reshape(len(y), -1).argmax(1) == y).sum())
@@ -37,7 +41,10 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
     batch = len(next(iter(first.values())))
     acc_r = correct_r / seen if labels is not None else None
     acc_c = correct_c / seen if labels is not None else None
+    task_scores = (None, None, None)
+    if task is not None:
+        task_scores = (task.name, float(task.score(np.concatenate(rows_r))), float(task.score(np.concatenate(rows_c))))
     return Report(str(reference), str(candidate), seen, choice.used, tuple(s.result() for s in stats.values()),
                   size_ref, size_cand, Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),
                   Latency(lat_c.median_ms, lat_c.p90_ms, lat_c.runs, batch), acc_r, acc_c,
-                  options.threads, (), tuple(notes))
+                  options.threads, (), tuple(notes), *task_scores)

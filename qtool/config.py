@@ -105,6 +105,8 @@ class EvalOptions:
     max_drop: float | None = None
     min_agreement: float | None = None
     min_cosine: float | None = None
+    max_task_drop: float | None = None
+    task: str | None = None
 
     def __post_init__(self):
         _choice("eval.provider", self.provider, ("cpu", "cuda"))

@@ -97,6 +97,9 @@ class Report:
     threads: int | None = None
     gates: tuple[Gate, ...] = ()
     notes: tuple[str, ...] = ()
+    task: str | None = None
+    task_reference: float | None = None
+    task_candidate: float | None = None
     format_version: int = REPORT_FORMAT_VERSION
 
     @property
@@ -116,6 +119,12 @@ class Report:
         return self.accuracy_reference - self.accuracy_candidate
 
     @property
+    def task_drop(self) -> float | None:
+        if self.task_reference is None or self.task_candidate is None:
+            return None
+        return self.task_reference - self.task_candidate
+
+    @property
     def agreement(self) -> float | None:
         values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
         return values[0] if values else None
@@ -128,6 +137,7 @@ class Report:
         d = asdict(self)
         d["format"] = "qtool.eval"
         d["size_ratio"], d["speedup"], d["accuracy_drop"] = self.size_ratio, self.speedup, self.accuracy_drop
+        d["task_drop"] = self.task_drop
         d["passed"] = self.passed
         return d
 
@@ -152,6 +162,7 @@ class Thresholds:
     max_drop: float | None = None
     min_agreement: float | None = None
     min_cosine: float | None = None
+    max_task_drop: float | None = None
 
 
 def judge(report: Report, t: Thresholds) -> Report:
@@ -172,6 +183,14 @@ def judge(report: Report, t: Thresholds) -> Report:
         else:
             gates.append(_gate("min_agreement", agree, t.min_agreement, agree >= t.min_agreement,
                                "top-1 agreement", "--min-agreement"))
+    if t.max_task_drop is not None:
+        drop = report.task_drop
+        if drop is None:
+            gates.append(Gate("max_task_drop", float("nan"), t.max_task_drop, False,
+                              "max-task-drop needs a task file (--task)"))
+        else:
+            gates.append(_gate("max_task_drop", drop, t.max_task_drop, drop <= t.max_task_drop + 1e-12,
+                               f"{report.task} drop", "--max-task-drop"))
     if t.min_cosine is not None:
         cos = min(o.cosine for o in report.outputs)
         gates.append(_gate("min_cosine", cos, t.min_cosine, cos >= t.min_cosine, "cosine similarity", "--min-cosine"))
@@ -189,7 +208,7 @@ def _gate(name, value, threshold, passed, what, flag) -> Gate:
 def _round_out(value: float, name: str) -> float:
     """The nearest 4-decimal threshold on the passing side of ``value``."""
     scaled = value * 10000
-    return (np.ceil(scaled) if name == "max_drop" else np.floor(scaled)) / 10000
+    return (np.ceil(scaled) if name.startswith("max") else np.floor(scaled)) / 10000
 
 
 def format_table(r: Report) -> str:
@@ -198,6 +217,8 @@ def format_table(r: Report) -> str:
     if r.accuracy_reference is not None:
         rows.append(("top-1 accuracy", f"{r.accuracy_reference:.4f}", f"{r.accuracy_candidate:.4f}",
                      f"drop {r.accuracy_drop * 100:+.2f} pts"))
+    if r.task_reference is not None:
+        rows.append((r.task, f"{r.task_reference:.4f}", f"{r.task_candidate:.4f}", f"drop {r.task_drop:+.4f}"))
     rows.append(("size", _mb(r.size_reference), _mb(r.size_candidate), f"ratio {r.size_ratio:.3f}"))
     if r.latency_reference and r.latency_candidate:
         lr, lc = r.latency_reference, r.latency_candidate

@@ -163,3 +163,20 @@ def test_bad_table_and_preset(cnn_files, tmp_path):
 
 def test_bad_shape_option(cnn_files):
     one_line_error(invoke("inspect", cnn_files["model"], "--shape", "x:1xfoo"), 2, "--shape")
+
+
+def test_task_hook_and_gate(cnn_files, tmp_path):
+    task = tmp_path / "task.py"
+    task.write_text(
+        "import numpy as np\n"
+        "NAME = 'mean logit'\n"
+        "def reduce(outputs, batch):\n    return outputs['logits'].mean(axis=1)\n"
+        "def score(rows):\n    return float(rows.mean())\n")
+    out = tmp_path / "q.onnx"
+    assert invoke("quantize", cnn_files["model"], "--table", cnn_files["table"], "-o", out).exit_code == 0
+    r = invoke("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--repeats", 2, "--task", task,
+               "--max-task-drop", -100)
+    assert r.exit_code == 1 and "mean logit" in r.output and "FAIL max_task_drop" in r.output
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    one_line_error(invoke("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--task", bad), 2, "reduce")
