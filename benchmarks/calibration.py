@@ -432,7 +432,7 @@ def bench_model(key: str, args, runner: Runner, tmp: Path) -> dict:
     batch = cfg["batch"]
     methods = args.methods
     do_rss = not args.skip_rss
-    sizes = sorted(set(RSS_SAMPLES) | set(cfg["ort_rss_samples"])) if do_rss else []
+    sizes = sorted(set(RSS_SAMPLES) | set(cfg["ort_rss_samples"])) if do_rss else [64]
     print(f"\n== {cfg['title']}: preparing data", flush=True)
     prep = runner.run({"worker": "prep", "kind": key, "dir": str(cfg["dir"]), "out": str(work), "batch": batch,
                        "sizes": sizes, "shift": cfg["shift"], "noise": cfg["noise"],
@@ -466,7 +466,9 @@ def bench_model(key: str, args, runner: Runner, tmp: Path) -> dict:
                 for n in (RSS_SAMPLES if tool == "qtool" else cfg["ort_rss_samples"]):
                     res = runner.run({"worker": "calib", "tool": tool, "method": method, "batch": batch,
                                       "model": str(model), "data": str(work / f"n{n}"),
-                                      "augmented": str(work / f"augmented-rss-{method}-{n}.onnx")},
+                                      "augmented": str(work / f"augmented-rss-{method}-{n}.onnx"),
+                                      "save": str(work / f"ort-{method}-n64.ortcache.json")
+                                      if (tool, n) == ("ort", 64) else None},
                                      f"{key} rss {tool} {method} n={n}")
                     out["rss"][(tool, method, n)] = res
 
@@ -484,18 +486,40 @@ def bench_model(key: str, args, runner: Runner, tmp: Path) -> dict:
                     dict(common, tool="qtool", method=method, table=str(table),
                          out=str(work / f"qtool-{method}.int8.onnx")), f"{key} eval qtool {method}")
             if ORT_METHOD[method] is not None:
-                cache = work / f"ort-{method}.ortcache.json"
-                use_cache = args.ort_accuracy_calib == "cache" and cache.is_file()
-                res = runner.run(dict(common, tool="ort", method=method, cache=str(cache) if use_cache else None,
-                                      out=str(work / f"ort-{method}.int8.onnx")), f"{key} eval ort {method}")
-                small = work / "n64"
-                if not ok(res) and "over limit" in res["status"] and small.is_dir():
-                    # the whole calibration set does not fit: quantize_static on its first 64 images
-                    res["fallback"] = runner.run(dict(common, tool="ort", method=method, calib=str(small),
-                                                      cache=None, out=str(work / f"ort-{method}-64.int8.onnx")),
-                                                 f"{key} eval ort {method} (64 calibration images)")
-                out["acc"][("ort", method)] = res
+                out["acc"][("ort", method)] = ort_accuracy(runner, common, work, key, method,
+                                                           ort_calib_mode(args, key), out["time"])
     return out
+
+
+def ort_calib_mode(args, key: str) -> str:
+    if args.ort_accuracy_calib != "auto":
+        return args.ort_accuracy_calib
+    return "rerun" if key == "cnn" else "cache"
+
+
+def ort_accuracy(runner: Runner, common: dict, work: Path, key: str, method: str, mode: str, timing: dict) -> dict:
+    """ORT's int8 model for ``method``: quantize_static calibrating on the calibration set itself
+    (rerun), or fed the timing run's ranges through calibration_cache_path (cache: the same
+    calibrator, data and options, computed once). When the whole set is over the memory limit,
+    the first 64 calibration images are used instead (res["fallback"])."""
+    cache, small = work / f"ort-{method}.ortcache.json", work / "n64"
+    timed = timing.get(("ort", method), [{}])[0]
+    if mode == "cache" and cache.is_file():
+        res = runner.run(dict(common, tool="ort", method=method, cache=str(cache),
+                              out=str(work / f"ort-{method}.int8.onnx")), f"{key} eval ort {method} (cache)")
+    elif mode == "cache" and "over limit" in timed.get("status", ""):
+        res = {"status": "over limit (the timing run on the whole calibration set was; not repeated)"}
+    else:
+        res = runner.run(dict(common, tool="ort", method=method, cache=None,
+                              out=str(work / f"ort-{method}.int8.onnx")), f"{key} eval ort {method}")
+    if not ok(res) and "over limit" in res["status"]:
+        small_cache = work / f"ort-{method}-n64.ortcache.json"
+        use = mode == "cache" and small_cache.is_file()
+        res["fallback"] = runner.run(dict(common, tool="ort", method=method, calib=str(small),
+                                          cache=str(small_cache) if use else None,
+                                          out=str(work / f"ort-{method}-64.int8.onnx")),
+                                     f"{key} eval ort {method} (64 calibration images)")
+    return res
 
 
 def metric(res: dict | None, key: str) -> str:
@@ -629,10 +653,12 @@ def report(out: dict, args) -> None:
         print(f"  NOTE {k}: {status}")
     if any(isinstance(r, dict) and "fallback" in r for r in out["acc"].values()):
         print("  '... @64': quantize_static over the memory limit on the whole calibration set; the metric after "
-              "it is quantize_static on the first 64 calibration images")
-    if args.ort_accuracy_calib == "cache":
-        print("  ORT metric: quantize_static fed the ranges of the timing run through calibration_cache_path "
-              "(same data, same method)")
+              "it is quantize_static on the first 64 calibration images (in cache mode, fed the ranges of the 64-sample "
+              "RSS run)")
+    if ort_calib_mode(args, key) == "cache":
+        print("  ORT metric: quantize_static(..., calibration_cache_path=C) where C holds the TensorsData of the "
+              "timing run above (save_tensors_data; same calibrator, data and method, so ORT's calibration is not "
+              "run a second time)")
     else:
         print("  ORT metric: quantize_static calibrating itself on the calibration set (its op types: the "
               "quantizable ones)")
@@ -641,6 +667,18 @@ def report(out: dict, args) -> None:
 def _base_rss(out: dict) -> float:
     vals = [r["base_rss_mib"] for rs in out["time"].values() for r in rs if ok(r) and "base_rss_mib" in r]
     return min(vals) if vals else float("nan")
+
+
+def git_state() -> str:
+    """HEAD and whether qtool/ has uncommitted changes (others edit it while benchmarks run)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qtool"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return f"git {head}" + (f" + uncommitted changes in {len(dirty)} qtool/ path(s)" if dirty else " (clean)")
 
 
 def main() -> None:
@@ -656,9 +694,10 @@ def main() -> None:
     ap.add_argument("--effnet-repeats", type=int, default=1, help="timing runs per tool and method on EfficientNet")
     ap.add_argument("--effnet-eval", type=int, default=256, help="EfficientNet eval images used (0: all)")
     ap.add_argument("--effnet-calib", type=int, default=0, help="EfficientNet calibration images used (0: all)")
-    ap.add_argument("--ort-accuracy-calib", choices=("rerun", "cache"), default="rerun",
+    ap.add_argument("--ort-accuracy-calib", choices=("auto", "rerun", "cache"), default="auto",
                     help="ORT int8 models: quantize_static calibrates again (rerun) or reads the timing run's "
-                         "ranges through calibration_cache_path (cache)")
+                         "ranges through calibration_cache_path (cache); auto: rerun on the CNN, cache on "
+                         "EfficientNet (calibrating it takes minutes)")
     ap.add_argument("--mem-limit-gib", type=float, default=0.0,
                     help="RSS limit per worker (default: min(14, MemAvailable - 3) GiB)")
     ap.add_argument("--effnet-dir", type=Path, default=MODELS["effnet"]["dir"],
@@ -685,6 +724,7 @@ def main() -> None:
     print(f"onnxruntime {versions[0]}, onnx {versions[1]}, numpy {versions[2]}, qtool {versions[3]}, "
           f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"load average at start {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print("qtool source: " + git_state())
     print(f"threads: onnxruntime intra_op_num_threads={THREADS} (inter_op 1) in every worker -- qtool via "
           f"calibrate(threads={THREADS}); ORT by replacing CalibraterBase.create_inference_session with the same "
           "session it builds (ORT_DISABLE_ALL) plus the thread settings; OMP/OPENBLAS/MKL_NUM_THREADS=2")

@@ -31,7 +31,7 @@ def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None)
     p = prepare(model)
     raw = model_io.load(model, load_external=False)
     size = _size_on_disk(model)
-    return inspect_model(raw, str(model), size, make_plan(p.model, QuantizeOptions()), shapes, p.notes)
+    return inspect_model(raw, str(model), size, make_plan(p.model, QuantizeOptions()), shapes, p.notes, p.model)
 
 
 def _size_on_disk(path) -> int:
@@ -104,14 +104,19 @@ def table_ranges(table: CalibrationTable, method: str | None = None) -> dict[str
 def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOptions(),
               quantize_options: QuantizeOptions = QuantizeOptions(),
               on_batch: Callable[[int], None] | None = None, threads: int | None = None) -> CalibrationTable:
-    """Stream ``data`` through the model and reduce the tensors the planner will quantize."""
+    """Stream ``data`` through the model and reduce the tensors the planner will quantize.
+
+    Besides the tensors of this plan, the inputs of every node that a rule could
+    quantize are collected, so that a later ``--exclude`` (which can turn a
+    shared tensor into one with its own range) works from the same table.
+    """
     from .calib.collect import collect
     from .calib.methods import finish
     from .calib.observers import make_observer
-    from .planner import plan as make_plan
+    from .planner import calibration_tensors
     p = prepare(model, quantize_options.preprocess)
     ds = open_data(data, p.model)
-    tensors = make_plan(p.model, quantize_options, p.notes).activations_to_calibrate()
+    tensors = calibration_tensors(p.model, quantize_options)
     batch_size = _batch_size(p.model, options.batch_size)
     observers, samples, batches = collect(p.model, tensors, ds.batches(batch_size, options.limit),
                                           lambda: make_observer(options), on_batch, threads)

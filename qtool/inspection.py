@@ -123,19 +123,22 @@ def count_parameters(view: GraphView) -> int:
 
 
 def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shapes: dict | None = None,
-                  notes: tuple[str, ...] = ()) -> InspectReport:
-    """Build the report. ``plan`` is the planner's uncalibrated plan for the model."""
+                  notes: tuple[str, ...] = (), prepared: onnx.ModelProto | None = None) -> InspectReport:
+    """Build the report. ``plan`` is the planner's uncalibrated plan for the
+    model; MACs are counted on ``prepared`` (constants folded, so that shapes
+    computed by small subgraphs, e.g. Pad amounts, are known)."""
     view = GraphView(model)
     blockers = list(notes)
     try:
-        fixed, used = concrete_model(model, shapes or {})
+        fixed, used = concrete_model(prepared if prepared is not None else model, shapes or {})
     except ValueError as exc:
         raise _shape_error(str(exc))
     fixed, note = infer_shapes(fixed)
     if note:
         blockers.append(note)
     fixed_view = GraphView(fixed)
-    missing = [n.output[0] for n in view.nodes if n.op_type in MAC_OPS and not _known(fixed_view.shape(n.output[0]))]
+    missing = [n.output[0] for n in fixed_view.nodes if n.op_type in MAC_OPS
+               and not _known(fixed_view.shape(n.output[0]))]
     if missing:
         blockers.append(f"{len(missing)} Conv/MatMul/Gemm outputs have no inferred shape (MACs not counted), e.g. {missing[0]}")
     opset = view.opset("")
@@ -148,7 +151,7 @@ def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shap
         inputs=io_info(view, view.graph_inputs), outputs=io_info(view, [o.name for o in view.graph.output]),
         parameters=count_parameters(view), size_bytes=size_bytes, macs=macs_per_op(fixed_view),
         op_types=dict(Counter(n.op_type for n in view.nodes).most_common()),
-        quantizable_nodes=len(plan.quantized_nodes()), nodes=len(view.nodes),
+        quantizable_nodes=len(plan.quantized_nodes()), nodes=len(plan.nodes),
         blockers=tuple(blockers), shapes_used=used)
 
 
@@ -172,7 +175,7 @@ def format_report(r: InspectReport) -> str:
     lines.append(f"MACs        {r.total_macs:,} (input shapes {shapes})")
     lines += [f"  {op}: {n:,}" for op, n in r.macs.items()]
     lines.append("op types    " + ", ".join(f"{k} {v}" for k, v in r.op_types.items()))
-    lines.append(f"quantizable {r.quantizable_nodes} of {r.nodes} nodes would be quantized")
+    lines.append(f"quantizable {r.quantizable_nodes} of {r.nodes} nodes (after pre-processing) would be quantized")
     for b in r.blockers:
         lines.append(f"note: {b}")
     return "\n".join(lines)

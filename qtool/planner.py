@@ -8,7 +8,7 @@ import onnx
 
 from .config import QuantizeOptions
 from .errors import TableError
-from .graph import GraphView
+from .graph import GraphView, infer_shapes
 from .graph.patterns import float_patterns
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .qparams import PerTensor, QType, choose_qparams, weight_qparams
@@ -24,7 +24,7 @@ def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...
     decide; activation parameters are filled by :func:`apply_table`.
     """
     view = GraphView(model)
-    ctx = Context(view, options, patterns=float_patterns(view), ranges=ranges)
+    ctx = Context(view, options, patterns=float_patterns(view), ranges=ranges, macs=node_macs(model))
     tensors: dict[str, TensorPlan] = {}
     nodes = []
     for node in view.nodes:
@@ -39,6 +39,42 @@ def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...
         tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP,
                                   f"output of {producer}: float (no quantized consumer; int8 kernel with float output)")
     return Plan(tensors, tuple(nodes), tuple(notes))
+
+
+def node_macs(model: onnx.ModelProto) -> dict[str, int]:
+    """MACs of each Conv/MatMul/Gemm node at batch 1 (dynamic dims taken as 1)."""
+    from .inspection import MAC_OPS, _node_macs, concrete_model
+    try:
+        fixed, _ = concrete_model(model, {})
+    except ValueError:
+        return {}
+    fixed, _ = infer_shapes(fixed)
+    view = GraphView(fixed)
+    out = {}
+    for node in view.nodes:
+        if node.op_type in MAC_OPS:
+            value = _node_macs(node, view)
+            if value is not None:
+                out[view.node_name(node)] = value
+    return out
+
+
+def calibration_tensors(model: onnx.ModelProto, options: QuantizeOptions) -> list[str]:
+    """The activations a table for this model must hold: those the plan quantizes,
+    plus the float inputs of every node a rule exists for (outside float patterns)."""
+    first = plan(model, options)
+    wanted = dict.fromkeys(first.activations_to_calibrate())
+    if options.mode == "dynamic":
+        return list(wanted)
+    view = GraphView(model)
+    patterns = float_patterns(view)
+    for node in view.nodes:
+        if node.op_type not in RULES or view.node_name(node) in patterns:
+            continue
+        for t in node.input:
+            if t and not view.is_initializer(t) and view.is_float(t):
+                wanted.setdefault(t)
+    return list(wanted)
 
 
 def _node_plan(node, decision: NodeRule, ctx: Context) -> NodePlan:

@@ -144,3 +144,24 @@ def test_plan_json_round_trip(cnn_files):
     again = Plan.from_dict(plan.to_dict())
     assert again == plan
     assert "fused into" in plan.explain()
+
+
+def test_cheap_first_layer_on_raw_input_stays_float(tmp_path):
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    deep (float[N, 3, 16, 16] x) => (float[N, 64, 16, 16] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+        r = Relu (a)
+        b = Conv <pads = [1, 1, 1, 1]> (r, w2)
+        r2 = Relu (b)
+        y = Conv <pads = [1, 1, 1, 1]> (r2, w3)
+    }
+    """
+    rng = np.random.default_rng(0)
+    m = models._with_weights(text, {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "w2": rng.normal(0, 0.1, (64, 8, 3, 3)),
+                                    "w3": rng.normal(0, 0.05, (64, 64, 3, 3))})
+    src, out, q, result = quantize(m, tmp_path, n=8)
+    first = result.plan.nodes[0]
+    assert not first.quantized and "first layer on the raw input" in first.reason
+    assert "x" not in result.plan.tensors  # the model input is not quantized
+    assert result.plan.nodes[2].quantized  # the next Conv is

@@ -86,6 +86,13 @@ class Context:
     fused: dict[str, str] = field(default_factory=dict)
     patterns: dict[str, str] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] | None = None
+    macs: dict[str, int] = field(default_factory=dict)
+
+    def mac_share(self, node: onnx.NodeProto) -> float | None:
+        """This node's share of the model's Conv/MatMul/Gemm MACs (None if unknown)."""
+        total = sum(self.macs.values())
+        key = self.node_key(node)
+        return self.macs[key] / total if total and key in self.macs else None
 
     def is_quantized(self, tensor: str) -> bool:
         return tensor in self.quantized
