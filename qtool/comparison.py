@@ -14,8 +14,16 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
              limit: int | None, size_ref: int, size_cand: int, task=None) -> Report:
     choice = runtime.pick_provider(options.provider)
     notes = [choice.note] if choice.note else []
+    if choice.requested == "cuda":
+        notes.append("onnxruntime's CUDA EP has no QDQ fusion and no QLinearConv/QLinearMatMul: int8 Conv/MatMul "
+                     "run there as float ops wrapped in Q/DQ (expect no speed-up); int8 on NVIDIA GPUs needs the "
+                     "TensorRT EP, and on CUDA the gains are fp16 and int4 weight-only MatMulNBits")
     sess_r = runtime.session(str(reference), choice.used, options.threads)
     sess_c = runtime.session(str(candidate), choice.used, options.threads)
+    provider = runtime.used_providers(sess_c)[0]
+    if choice.used != provider:
+        notes.append(f"{choice.used} could not be created (missing CUDA/cuDNN libraries or no GPU); "
+                     f"falling back to CPU: ran on {provider}")
     inputs = [i.name for i in sess_r.get_inputs()]
     names = runtime.output_names(sess_r)
     stats = {n: OutputStats(n) for n in names}
@@ -44,7 +52,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
     task_scores = (None, None, None)
     if task is not None:
         task_scores = (task.name, float(task.score(np.concatenate(rows_r))), float(task.score(np.concatenate(rows_c))))
-    return Report(str(reference), str(candidate), seen, choice.used, tuple(s.result() for s in stats.values()),
+    return Report(str(reference), str(candidate), seen, provider, tuple(s.result() for s in stats.values()),
                   size_ref, size_cand, Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),
                   Latency(lat_c.median_ms, lat_c.p90_ms, lat_c.runs, batch), acc_r, acc_c,
                   options.threads, (), tuple(notes), *task_scores)

@@ -38,7 +38,7 @@ def pick_provider(name: str) -> ProviderChoice:
 def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
             optimize: bool = True, optimized_path: str | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4 if provider != PROVIDERS["cpu"] else 3
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

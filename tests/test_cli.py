@@ -180,3 +180,14 @@ def test_task_hook_and_gate(cnn_files, tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\n")
     one_line_error(invoke("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--task", bad), 2, "reduce")
+
+
+def test_cuda_request_is_honest(cnn_files, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert invoke("quantize", cnn_files["model"], "--table", cnn_files["table"], "-o", out).exit_code == 0
+    r = invoke("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--repeats", 2, "--provider", "cuda")
+    assert r.exit_code == 0, r.output
+    assert "CUDA EP has no QDQ fusion" in r.output
+    import onnxruntime
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert "falling back to CPU" in r.output
