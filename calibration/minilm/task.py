@@ -22,12 +22,19 @@ printed as well.
 
 Needs numpy and onnxruntime only. Importable: ``evaluate(model, data_dir, ref=None)``,
 ``embed(model, data_dir)``, ``retrieval_top1(embeddings, meta)``.
+
+Also a task file for ``qtool eval --task``: ``NAME``, ``reduce`` and ``score``
+below. qtool passes the rows only, so ``score`` reads eval_meta.json from
+$QTOOL_MINILM_DATA (default ~/.cache/qtool/minilm) and needs every eval row
+(no --limit):
+  qtool eval FP32.onnx INT8.onnx --data ~/.cache/qtool/minilm/eval --task calibration/minilm/task.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -152,6 +159,27 @@ def evaluate(model_path: str | Path, data_dir: str | Path = DEFAULT_DATA, ref: s
         result.update(ref=str(ref), ref_top1=ref_top1, ref_hits=ref_hits,
                       mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
     return result
+
+
+# --------------------------------------------------------------------------- qtool eval --task hooks
+
+NAME = "retrieval top-1"
+
+
+def reduce(outputs: dict, batch: dict) -> np.ndarray:
+    """Per batch: the mean-pooled, L2-normalised sentence embeddings [B,384]."""
+    hidden = outputs[OUTPUT_NAME] if OUTPUT_NAME in outputs else next(iter(outputs.values()))
+    return mean_pool(hidden, batch["attention_mask"])
+
+
+def score(rows: np.ndarray) -> float:
+    """Once, on every eval row's embedding in file order: retrieval top-1."""
+    data_dir = Path(os.environ.get("QTOOL_MINILM_DATA", DEFAULT_DATA)).expanduser()
+    meta = load_meta(data_dir)
+    if len(rows) != len(meta["rows"]):
+        raise ValueError(f"got {len(rows)} rows but {data_dir / META_NAME} describes {len(meta['rows'])}; "
+                         "run on the whole eval/ folder (no --limit) or set QTOOL_MINILM_DATA")
+    return retrieval_top1(np.asarray(rows, dtype=np.float32), meta)[0]
 
 
 # --------------------------------------------------------------------------- CLI
