@@ -133,9 +133,8 @@ def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shap
         fixed, used = concrete_model(prepared if prepared is not None else model, shapes or {})
     except ValueError as exc:
         raise _shape_error(str(exc))
-    fixed, note = infer_shapes(fixed)
-    if note:
-        blockers.append(note)
+    from .preprocess.passes import resolve_static_shapes
+    fixed = resolve_static_shapes(fixed)
     fixed_view = GraphView(fixed)
     missing = [n.output[0] for n in fixed_view.nodes if n.op_type in MAC_OPS
                and not _known(fixed_view.shape(n.output[0]))]

@@ -48,8 +48,8 @@ def node_macs(model: onnx.ModelProto) -> dict[str, int]:
         fixed, _ = concrete_model(model, {})
     except ValueError:
         return {}
-    fixed, _ = infer_shapes(fixed)
-    view = GraphView(fixed)
+    from .preprocess.passes import resolve_static_shapes
+    view = GraphView(resolve_static_shapes(fixed))
     out = {}
     for node in view.nodes:
         if node.op_type in MAC_OPS:

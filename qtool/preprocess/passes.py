@@ -125,6 +125,38 @@ def _drop_unused_initializers(m: onnx.ModelProto) -> None:
     m.graph.input.extend(kept_inputs)
 
 
+def fold_known_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """``Shape`` of a tensor whose shape is fully known becomes a constant (used on
+    models whose inputs were given concrete shapes, e.g. to count MACs)."""
+    view = GraphView(model)
+    m = _copy(model)
+    keep, folded = [], 0
+    for node in m.graph.node:
+        shape = view.shape(node.input[0]) if node.op_type == "Shape" else None
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            keep.append(node)
+            continue
+        start, end = view.attr(node, "start", 0), view.attr(node, "end", None)
+        m.graph.initializer.append(numpy_helper.from_array(np.array(shape[start:end], dtype=np.int64), node.output[0]))
+        folded += 1
+    if not folded:
+        return model, None
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    return m, f"folded {folded} Shape nodes"
+
+
+def resolve_static_shapes(model: onnx.ModelProto, rounds: int = 4) -> onnx.ModelProto:
+    """Alternate shape inference, Shape folding and constant folding until shapes settle."""
+    for _ in range(rounds):
+        model, _ = infer_shapes(model)
+        model, changed = fold_known_shapes(model)
+        if not changed:
+            break
+        model, _ = fold_constants(model)
+    return model
+
+
 def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Conv -> BatchNormalization (inference, constant statistics) becomes one Conv."""
     m = _copy(model)
