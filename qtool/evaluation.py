@@ -167,33 +167,25 @@ class Thresholds:
 
 def judge(report: Report, t: Thresholds) -> Report:
     """Check the thresholds; each failed gate says by how much and what would pass."""
+    cosine = min(o.cosine for o in report.outputs) if report.outputs else None
+    checks = [  # name, threshold, value, upper bound?, what, flag, why a missing value fails
+        ("max_drop", t.max_drop, report.accuracy_drop, True, "accuracy drop", "--max-drop",
+         "max-drop needs labels (a 'labels' array in the data or --labels)"),
+        ("min_agreement", t.min_agreement, report.agreement, False, "top-1 agreement", "--min-agreement",
+         "min-agreement needs a classifier-shaped output [batch, classes]"),
+        ("max_task_drop", t.max_task_drop, report.task_drop, True, f"{report.task} drop", "--max-task-drop",
+         "max-task-drop needs a task file (--task)"),
+        ("min_cosine", t.min_cosine, cosine, False, "cosine similarity", "--min-cosine", "no outputs to compare"),
+    ]
     gates = []
-    if t.max_drop is not None:
-        drop = report.accuracy_drop
-        if drop is None:
-            gates.append(Gate("max_drop", float("nan"), t.max_drop, False,
-                              "max-drop needs labels (a 'labels' array in the data or --labels)"))
-        else:
-            gates.append(_gate("max_drop", drop, t.max_drop, drop <= t.max_drop + 1e-12, "accuracy drop", "--max-drop"))
-    if t.min_agreement is not None:
-        agree = report.agreement
-        if agree is None:
-            gates.append(Gate("min_agreement", float("nan"), t.min_agreement, False,
-                              "min-agreement needs a classifier-shaped output [batch, classes]"))
-        else:
-            gates.append(_gate("min_agreement", agree, t.min_agreement, agree >= t.min_agreement,
-                               "top-1 agreement", "--min-agreement"))
-    if t.max_task_drop is not None:
-        drop = report.task_drop
-        if drop is None:
-            gates.append(Gate("max_task_drop", float("nan"), t.max_task_drop, False,
-                              "max-task-drop needs a task file (--task)"))
-        else:
-            gates.append(_gate("max_task_drop", drop, t.max_task_drop, drop <= t.max_task_drop + 1e-12,
-                               f"{report.task} drop", "--max-task-drop"))
-    if t.min_cosine is not None:
-        cos = min(o.cosine for o in report.outputs)
-        gates.append(_gate("min_cosine", cos, t.min_cosine, cos >= t.min_cosine, "cosine similarity", "--min-cosine"))
+    for name, threshold, value, upper, what, flag, missing in checks:
+        if threshold is None:
+            continue
+        if value is None:
+            gates.append(Gate(name, float("nan"), threshold, False, missing))
+            continue
+        passed = value <= threshold + 1e-12 if upper else value >= threshold
+        gates.append(_gate(name, value, threshold, passed, what, flag))
     return replace(report, gates=tuple(gates))
 
 

@@ -176,11 +176,15 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]
         folded += 1
     if not folded:
         return model, None
-    keep = [n for n in m.graph.node if view.node_name(n) not in remove]
+    _remove_nodes(m, view, remove)
+    return m, f"folded {folded} BatchNormalization nodes into Conv"
+
+
+def _remove_nodes(m: onnx.ModelProto, view: GraphView, names: set[str]) -> None:
+    keep = [n for n in m.graph.node if view.node_name(n) not in names]
     del m.graph.node[:]
     m.graph.node.extend(keep)
     _drop_unused_initializers(m)
-    return m, f"folded {folded} BatchNormalization nodes into Conv"
 
 
 def _fold_bn_into(conv, bn, inits, m, view) -> None:
@@ -219,10 +223,7 @@ def fold_pad_into_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | N
         folded += 1
     if not folded:
         return model, None
-    keep = [n for n in m.graph.node if view.node_name(n) not in remove]
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
-    _drop_unused_initializers(m)
+    _remove_nodes(m, view, remove)
     return m, f"folded {folded} zero Pad nodes into the following Conv"
 
 

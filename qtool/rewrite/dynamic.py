@@ -1,6 +1,8 @@
 """Dynamic rewriter: nodes the plan marks DynamicQuantizeMatMul become that
-onnxruntime contrib op (int8 weight initializers, float bias folded in); the
-rest of the plan (int8 embedding tables) is applied by the QDQ rewriter."""
+onnxruntime contrib op (int8 weight initializers, float bias folded in); an input
+read by several such nodes (a transformer's Q, K and V projections) is quantized
+once by DynamicQuantizeLinear and each node becomes MatMulIntegerToFloat. The
+rest of the plan (8-bit embedding tables) is applied by the QDQ rewriter."""
 
 from __future__ import annotations
 
@@ -30,16 +32,27 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     view = GraphView(out)
     inits = {t.name: t for t in out.graph.initializer}
     drop, new_inits = set(), []
-    replaced = {}
+    replaced: dict[str, list] = {}
+    shared = _shared_inputs(view, kernels)
+    quantized_inputs: dict[str, list[str]] = {}
     for node in view.nodes:
         key = view.node_name(node)
         if key not in kernels:
             continue
         bias_node = next((n for n in view.nodes if view.node_name(n) == fused.get(key)), None)
-        replaced[key] = _kernel_node(node, bias_node, plan.tensors[node.input[1]], inits, names, new_inits, view)
+        a = node.input[0]
+        prefix = []
+        if a in shared and a not in quantized_inputs:
+            quantized_inputs[a] = [names.fresh(f"{a}_{s}") for s in ("quantized", "scale", "zero_point")]
+            prefix = [helper.make_node("DynamicQuantizeLinear", [a], quantized_inputs[a],
+                                       name=names.fresh(f"{a}_DynamicQuantizeLinear"))]
+        kernel = _kernel_node(node, bias_node, plan.tensors[node.input[1]], inits, names, new_inits, view,
+                              quantized_inputs.get(a))
+        replaced[key] = prefix + [kernel]
         if bias_node is not None:
             drop.add(view.node_name(bias_node))
-    nodes = [replaced.get(view.node_name(n), n) for n in view.nodes if view.node_name(n) not in drop]
+    nodes = [m for n in view.nodes if view.node_name(n) not in drop
+             for m in replaced.get(view.node_name(n), [n])]
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(new_inits)
@@ -52,7 +65,17 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     return out
 
 
-def _kernel_node(node, bias_node, spec, inits, names: Names, new_inits: list, view: GraphView):
+def _shared_inputs(view: GraphView, kernels: set[str]) -> set[str]:
+    """Inputs read by several kernels (Q, K and V projections): quantize them once."""
+    counts: dict[str, int] = {}
+    for node in view.nodes:
+        if view.node_name(node) in kernels:
+            counts[node.input[0]] = counts.get(node.input[0], 0) + 1
+    return {t for t, c in counts.items() if c > 1}
+
+
+def _kernel_node(node, bias_node, spec, inits, names: Names, new_inits: list, view: GraphView,
+                 quantized_input: list[str] | None = None):
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
     if node.op_type == "Gemm" and view.attr(node, "transB", 0):
         w = w.T
@@ -68,6 +91,11 @@ def _kernel_node(node, bias_node, spec, inits, names: Names, new_inits: list, vi
         inputs.append(bias)
     if bias_node is not None:
         output = bias_node.output[0]
+    if quantized_input is not None:  # the input was quantized once for all its consumers
+        aq, a_s, a_z = quantized_input
+        inputs = [aq, q_name, a_s, s_name, a_z, z_name] + ([bias] if bias is not None else [])
+        return helper.make_node("MatMulIntegerToFloat", inputs, [output],
+                                name=names.fresh(f"{view.node_name(node)}_dynamic"), domain=MS_DOMAIN)
     return helper.make_node(KERNEL, inputs, [output], name=names.fresh(f"{view.node_name(node)}_dynamic"),
                             domain=MS_DOMAIN)
 
