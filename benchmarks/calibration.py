@@ -7,7 +7,10 @@ For each model and method (minmax, entropy, percentile, mse) this measures
 2. peak RSS of calibration at 64 and 1,024 samples (ORT on EfficientNet-Lite0: 32 and 64
    samples, 1,024 extrapolated), the 1,024-sample set streamed from a directory of .npz files;
 3. the int8 model each method gives: ``qtool.quantize(table=...)`` vs ORT ``quantize_static``
-   (QDQ, per-channel, int8 activations and weights, same method), evaluated on the eval set.
+   (QDQ, per-channel, int8 activations and weights, same method), evaluated on the eval set
+   (EfficientNet-Lite0: the first 256 eval crops by default, ``--effnet-eval``). On EfficientNet
+   quantize_static gets the timing run's ranges through ``calibration_cache_path`` rather than
+   calibrating a second time (``--ort-accuracy-calib``).
 
 Every measurement runs in its own subprocess (``--worker``), so that its peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) is its own; the parent imports only the standard library
@@ -363,7 +366,8 @@ class Runner:
             if line.startswith("RESULT "):
                 res = json.loads(line[7:])
         if killed:
-            res = {"status": f"over limit (RSS {killed['rss'] / GiB:.1f} GiB > {self.rss_limit / GiB:.1f} GiB, killed)"}
+            res = {"status": f"over limit (RSS {killed['rss'] / GiB:.1f} GiB > {self.rss_limit / GiB:.1f} GiB, killed "
+                             f"after {wall:.0f} s)"}
         elif res is None:
             tail = " | ".join(err.strip().splitlines()[-3:])[:400]
             res = {"status": f"crashed (exit {proc.returncode}): {tail}"}
