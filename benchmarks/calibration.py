@@ -199,10 +199,15 @@ def worker_calib(spec: dict) -> dict:
     tool, method, batch, data = spec["tool"], spec["method"], spec["batch"], spec["data"]
     res: dict = {}
     if tool == "qtool":
+        import importlib
+        import pkgutil
         import qtool
-        # the modules qtool.calibrate imports lazily, imported before the clock starts as ORT's are
-        import qtool.calib.collect, qtool.calib.histogram_observer, qtool.calib.methods  # noqa: E401,F401
-        import qtool.api, qtool.calib.observers, qtool.calib.ranges, qtool.planner, qtool.prepare  # noqa: E401,F401
+        # qtool's own modules (calibrate imports some lazily) are imported before the clock starts,
+        # as ORT's quantization package is; third-party imports qtool makes while calibrating
+        # (onnx.reference for constant folding) stay in its time
+        for mod in pkgutil.walk_packages(qtool.__path__, "qtool."):
+            if not (mod.name.startswith("qtool.cli") or mod.name.endswith("__main__")):
+                importlib.import_module(mod.name)
         from qtool.config import CalibrateOptions
         marks: list[float] = []
         base = _status_kib("VmRSS") / 1024

@@ -346,6 +346,28 @@ def kernel_detail(kc: dict) -> str:
     return f"int: {ints} | float: {flts}"
 
 
+def huge_ranges(cache: Path) -> list[str]:
+    """Tensors whose range in an ORT calibration cache reaches |x| > 1e30."""
+    def numbers(v):
+        if isinstance(v, bool):
+            return []
+        if isinstance(v, (int, float)):
+            return [float(v)]
+        if isinstance(v, dict):
+            return numbers(v.get("data", []))
+        if isinstance(v, list):
+            return [x for item in v for x in numbers(item)]
+        return []
+
+    data = json.loads(cache.read_text()).get("data", {})
+    out = []
+    for name, v in (data.items() if isinstance(data, dict) else []):
+        vals = numbers(v.get("lowest")) + numbers(v.get("highest")) if isinstance(v, dict) else []
+        if vals and max(abs(x) for x in vals) > 1e30:
+            out.append(name)
+    return sorted(out)
+
+
 def print_table(rows: list[tuple], header: tuple) -> None:
     rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -480,7 +502,7 @@ def plan_rows(M, tmp: Path, calib_n: int, nncf_ok: bool) -> list[dict]:
     q = [("qtool static QDQ minmax (default)", "qtool_minmax", {}, {}),
          ("qtool static QDQ percentile", "qtool_pct", {}, {"method": "percentile"}),
          ("qtool QOperator", "qtool_qop", {"format": "qoperator"}, {}),
-         ("qtool dynamic" + ("" if M.transformer else " (Gemm only)"), "qtool_dyn", {"mode": "dynamic"}, {})]
+         ("qtool dynamic", "qtool_dyn", {"mode": "dynamic"}, {})]
     for label, name, opts, copts in q:
         rows.append({"label": label, "path": Path(out(name)), "spec": {
             "tool": "qtool", "model": model, "out": out(name), "data": calib, "options": opts, "calibrate": copts}})
@@ -618,6 +640,19 @@ def bench_model(M, args, runner: Runner, tmp: Path, nncf_ok: bool) -> None:
         res = r.get("result") or {}
         if not ok(res) and res.get("log"):
             print(f"  note: {r['label']}: log {res['log']}")
+    dyn = next((r for r in rows if r["label"] == "qtool dynamic" and r.get("kernels")), None)
+    if dyn and not M.transformer:
+        n = sum(dyn["kernels"]["int"].values())
+        print(f"  note: qtool dynamic quantizes MatMul/Gemm weights only, never Conv; on this CNN that is at most "
+              f"the classifier Gemm, and ORT ran {n} integer kernel(s)")
+    for r in rows:
+        cache = (r.get("spec") or {}).get("cache")
+        if r.get("ort_cal") and ok(r.get("result")) and cache and Path(cache).is_file():
+            huge = huge_ranges(Path(cache))
+            if huge:
+                print(f"  note: {r['label']}: {len(huge)} calibrated ranges reach |x| > 1e30 (the attention-mask "
+                      f"fill value -FLT_MAX), quantized with that range: {', '.join(huge[:4])}"
+                      f"{' ...' if len(huge) > 4 else ''}")
     slow = [r for r in rows if r["label"].startswith("qtool") and ok(r.get("result")) and r["label"] in lat
             and lat[r["label"]] > lat["fp32"]]
     for r in slow:

@@ -123,7 +123,7 @@ def _bin_counts(x: np.ndarray, k: int, first: int, n: int) -> np.ndarray:
 def _encode_counts(counts: np.ndarray) -> str:
     """base64(zlib(little-endian int64)): [3, 0, 1] -> a 24-byte buffer, compressed."""
     raw = np.ascontiguousarray(counts, dtype="<i8").tobytes()
-    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+    return base64.b64encode(zlib.compress(raw, 6)).decode("ascii")
 
 
 def _decode_counts(text: str) -> np.ndarray:

@@ -18,7 +18,7 @@ def finish(observer, options: CalibrateOptions) -> TensorStats:
             lo, hi = -m, m
         rng = (lo, hi)
     else:
-        rng = histogram_range(hist, options.method, _params(options))
+        rng = _range_of(observer.hist, options.method, _params(options))
     return TensorStats(stats["min"], stats["max"], stats["count"], rng, tuple(stats["notes"]), hist)
 
 
@@ -27,9 +27,13 @@ def _params(options: CalibrateOptions) -> dict:
 
 
 def histogram_range(hist: dict, method: str, params: dict) -> tuple[float, float]:
+    """The range ``method`` picks from a stored (table) histogram."""
     from .histogram import StreamingHistogram
+    return _range_of(StreamingHistogram.from_dict(hist), method, params)
+
+
+def _range_of(h, method: str, params: dict) -> tuple[float, float]:
     from .ranges import compute_range
-    h = StreamingHistogram.from_dict(hist)
     if h.count == 0:
         return (0.0, 0.0)
     kwargs = {"symmetric": bool(params.get("symmetric", False))}

@@ -66,7 +66,6 @@ FOLD_MAX_ELEMENTS = 1 << 24
 def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """Evaluate nodes whose inputs are all constants (e.g. a transposed weight),
     with onnx's reference evaluator, and store the results as initializers."""
-    from onnx.reference import ReferenceEvaluator
     m = _copy(model)
     values = {t.name: t for t in m.graph.initializer}
     outputs = {o.name for o in m.graph.output}
@@ -77,6 +76,7 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]
                 or not all(i in values for i in inputs) or any(o in outputs for o in node.output)):
             keep.append(node)
             continue
+        from onnx.reference import ReferenceEvaluator  # imported only when a node can be folded
         result = _evaluate(ReferenceEvaluator, node, values, m)
         if result is None:
             keep.append(node)
