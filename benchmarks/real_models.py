@@ -638,7 +638,7 @@ def bench_model(M, args, runner: Runner, tmp: Path, nncf_ok: bool) -> None:
         if r.get("crash"):
             print(f"  note: {r['label']}: first try without CalibStridedMinMax: {r['crash']}")
         res = r.get("result") or {}
-        if not ok(res) and res.get("log"):
+        if not ok(res) and res.get("log") and args.keep:
             print(f"  note: {r['label']}: log {res['log']}")
     dyn = next((r for r in rows if r["label"] == "qtool dynamic" and r.get("kernels")), None)
     if dyn and not M.transformer:
