@@ -24,23 +24,30 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
-    """``Constant`` nodes (as some exporters write weights) become initializers,
-    so that the planner quantizes them as weights."""
+def _nodes_to_initializers(model: onnx.ModelProto, value_of) -> tuple[onnx.ModelProto, int]:
+    """Replace every node for which ``value_of(node)`` gives an array by an initializer
+    holding it under the node's output name; return the new model and the count."""
     m = _copy(model)
     keep, moved = [], 0
     for node in m.graph.node:
-        value = _constant_value(node)
+        value = value_of(node)
         if value is None:
             keep.append(node)
             continue
         m.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
         moved += 1
     if not moved:
-        return model, None
+        return model, 0
     del m.graph.node[:]
     m.graph.node.extend(keep)
-    return m, f"{moved} Constant nodes turned into initializers"
+    return m, moved
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """``Constant`` nodes (as some exporters write weights) become initializers,
+    so that the planner quantizes them as weights."""
+    m, moved = _nodes_to_initializers(model, _constant_value)
+    return m, (f"{moved} Constant nodes turned into initializers" if moved else None)
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -129,21 +136,16 @@ def fold_known_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | No
     """``Shape`` of a tensor whose shape is fully known becomes a constant (used on
     models whose inputs were given concrete shapes, e.g. to count MACs)."""
     view = GraphView(model)
-    m = _copy(model)
-    keep, folded = [], 0
-    for node in m.graph.node:
+
+    def value_of(node):
         shape = view.shape(node.input[0]) if node.op_type == "Shape" else None
         if shape is None or not all(isinstance(d, int) for d in shape):
-            keep.append(node)
-            continue
+            return None
         start, end = view.attr(node, "start", 0), view.attr(node, "end", None)
-        m.graph.initializer.append(numpy_helper.from_array(np.array(shape[start:end], dtype=np.int64), node.output[0]))
-        folded += 1
-    if not folded:
-        return model, None
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
-    return m, f"folded {folded} Shape nodes"
+        return np.array(shape[start:end], dtype=np.int64)
+
+    m, folded = _nodes_to_initializers(model, value_of)
+    return m, (f"folded {folded} Shape nodes" if folded else None)
 
 
 def resolve_static_shapes(model: onnx.ModelProto, rounds: int = 4) -> onnx.ModelProto:
