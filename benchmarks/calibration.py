@@ -28,22 +28,22 @@ EfficientNet-Lite0 comes from ``calibration/efficientnet-lite0/make.py`` (files 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from harness import (GiB, killed_by_signal, mem_available, ok, peak_mib, pin_ort_threads,  # noqa: E402
+                     print_table, spawn, status_kib, worker_env)
+from harness import worker_main as _worker_main  # noqa: E402
+
 THREADS = 2
-MiB = 1024 * 1024
-GiB = 1024 * MiB
 
 MODELS = {
     "cnn": {
@@ -81,20 +81,6 @@ RSS_SAMPLES = (64, 1024)
 # ------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _peak_mib() -> dict:
-    import resource
-    return {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "vmhwm_mib": _status_kib("VmHWM") / 1024}
-
-
 def _dir_batches(path: str, batch: int):
     """Yield input batches from a directory of .npz files, one file in memory at a time."""
     import numpy as np
@@ -120,24 +106,6 @@ def _ort_reader(path: str, batch: int):
             return next(self._it, None)
 
     return DirReader()
-
-
-def _pin_ort_threads() -> None:
-    """ORT's calibrators build their session in CalibraterBase.create_inference_session with
-    default SessionOptions (all cores); rebuild it the same way (ORT_DISABLE_ALL, the providers
-    it chose) but with 2 intra-op threads. quantize_static goes through the same method."""
-    import onnxruntime
-    from onnxruntime.quantization.calibrate import CalibraterBase
-
-    def create_inference_session(self):
-        so = onnxruntime.SessionOptions()
-        so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.intra_op_num_threads = THREADS
-        so.inter_op_num_threads = 1
-        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=so,
-                                                          providers=self.execution_providers)
-
-    CalibraterBase.create_inference_session = create_inference_session
 
 
 def worker_prep(spec: dict) -> dict:
@@ -195,7 +163,7 @@ def worker_calib(spec: dict) -> dict:
     """Time one calibration and report its peak RSS."""
     import numpy as np  # noqa: F401  (import cost outside the timed part, for both tools)
     import onnxruntime  # noqa: F401
-    base = _status_kib("VmRSS") / 1024
+    base = status_kib("VmRSS") / 1024
     tool, method, batch, data = spec["tool"], spec["method"], spec["batch"], spec["data"]
     res: dict = {}
     if tool == "qtool":
@@ -210,7 +178,7 @@ def worker_calib(spec: dict) -> dict:
                 importlib.import_module(mod.name)
         from qtool.config import CalibrateOptions
         marks: list[float] = []
-        base = _status_kib("VmRSS") / 1024
+        base = status_kib("VmRSS") / 1024
         t0 = time.perf_counter()
         table = qtool.calibrate(spec["model"], data, CalibrateOptions(method=method, batch_size=batch),
                                 on_batch=lambda n: marks.append(time.perf_counter()), threads=THREADS)
@@ -225,9 +193,9 @@ def worker_calib(spec: dict) -> dict:
             table.save(spec["save"])
     else:
         from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-        _pin_ort_threads()
+        pin_ort_threads(THREADS)
         reader = _ort_reader(data, batch)
-        base = _status_kib("VmRSS") / 1024
+        base = status_kib("VmRSS") / 1024
         t0 = time.perf_counter()
         cal = create_calibrator(spec["model"], None, augmented_model_path=spec["augmented"],
                                 calibrate_method=getattr(CalibrationMethod, ORT_METHOD[method]),
@@ -244,7 +212,7 @@ def worker_calib(spec: dict) -> dict:
         if spec.get("save"):
             from onnxruntime.quantization.calibrate import save_tensors_data
             save_tensors_data(ranges, spec["save"])
-    res.update(_peak_mib())
+    res.update(peak_mib())
     res["base_rss_mib"] = base
     return res
 
@@ -261,7 +229,7 @@ def worker_accuracy(spec: dict) -> dict:
         path = out
     elif tool == "ort":
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        _pin_ort_threads()
+        pin_ort_threads(THREADS)
         quantize_static(spec["model"], out, _ort_reader(spec["calib"], spec["batch"]),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8,
@@ -294,7 +262,7 @@ def worker_accuracy(spec: dict) -> dict:
         top5 = np.argsort(-logits, axis=1)[:, :5]
         ref5 = np.argsort(-ref, axis=1)[:, :5]
         res["top5_overlap"] = float(np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top5, ref5)]))
-    res.update(_peak_mib())
+    res.update(peak_mib())
     return res
 
 
@@ -302,20 +270,8 @@ WORKERS = {"prep": worker_prep, "calib": worker_calib, "accuracy": worker_accura
 
 
 def worker_main(spec_json: str) -> None:
-    import resource
-    spec = json.loads(spec_json)
-    if spec.get("as_limit"):
-        resource.setrlimit(resource.RLIMIT_AS, (spec["as_limit"], spec["as_limit"]))
-    try:
-        res = {"status": "ok", **WORKERS[spec["worker"]](spec)}
-    except MemoryError:
-        res = {"status": "over limit (MemoryError under RLIMIT_AS)", **_peak_mib()}
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-        over = any(s in text.lower() for s in ("alloc", "memory"))
-        res = {"status": ("over limit: " if over else "error: ") + text, **_peak_mib()}
-    sys.stdout.flush()
-    print("RESULT " + json.dumps(res), flush=True)
+    _worker_main(spec_json, WORKERS, key="worker", memory_error="over limit (MemoryError under RLIMIT_AS)",
+                 over_prefix="over limit: ", over_words=("alloc", "memory"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,61 +279,24 @@ def worker_main(spec_json: str) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 * GiB
-
-
 class Runner:
     def __init__(self, rss_limit: int, verbose: bool):
         self.rss_limit = rss_limit
         self.verbose = verbose
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS),
-                        MKL_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1")
+        self.env = worker_env(THREADS)
 
     def run(self, spec: dict, label: str) -> dict:
         spec = dict(spec, as_limit=self.rss_limit + 3 * GiB)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
-                                cwd=ROOT)
-        killed = {}
-
-        def watch():
-            peak = 0
-            while proc.poll() is None:
-                try:
-                    with open(f"/proc/{proc.pid}/status") as f:
-                        rss = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:")), 0)
-                except (OSError, StopIteration):
-                    rss = 0
-                peak = max(peak, rss)
-                if rss > self.rss_limit:
-                    killed["rss"] = rss
-                    proc.send_signal(signal.SIGKILL)
-                    return
-                time.sleep(0.05)
-
-        t = threading.Thread(target=watch, daemon=True)
-        t.start()
-        out, err = proc.communicate()
-        t.join()
-        wall = time.perf_counter() - t0
-        res = None
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                res = json.loads(line[7:])
-        if killed:
-            res = {"status": f"over limit (RSS {killed['rss'] / GiB:.1f} GiB > {self.rss_limit / GiB:.1f} GiB, killed "
-                             f"after {wall:.0f} s)"}
+        sp = spawn(__file__, spec, env=self.env, cwd=ROOT, rss_limit=self.rss_limit, poll=0.05)
+        res, wall = sp.result, sp.wall
+        if sp.killed:
+            res = {"status": f"over limit (RSS {sp.killed['rss'] / GiB:.1f} GiB > {self.rss_limit / GiB:.1f} GiB, "
+                             f"killed after {wall:.0f} s)"}
         elif res is None:
-            tail = " | ".join(err.strip().splitlines()[-3:])[:400]
-            res = {"status": f"crashed (exit {proc.returncode}): {tail}"}
-            if proc.returncode in (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV):
-                res["status"] = f"over limit? (killed by signal {-proc.returncode}): {tail}"
+            tail = " | ".join(sp.stderr.strip().splitlines()[-3:])[:400]
+            res = {"status": f"crashed (exit {sp.returncode}): {tail}"}
+            if killed_by_signal(sp.returncode):
+                res["status"] = f"over limit? (killed by signal {-sp.returncode}): {tail}"
         res["wall_s"] = wall
         if self.verbose or res.get("status") != "ok":
             print(f"  [{label}] {_brief(res)}", flush=True)
@@ -412,17 +331,6 @@ def wait_for(paths: list[Path], minutes: int) -> bool:
 def median(values: list[float]) -> float:
     v = sorted(values)
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-
-
-def print_table(rows: list[tuple], header: tuple) -> None:
-    rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-
-
-def ok(res: dict | None) -> bool:
-    return bool(res) and res.get("status") == "ok"
 
 
 def fmt_rss(res: dict | None) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -21,6 +23,7 @@ def profile(path: str, feeds: dict, runs: int) -> tuple[float, dict[str, float]]
     so.intra_op_num_threads = 2
     so.inter_op_num_threads = 1
     so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "qtool_profile")
     so.log_severity_level = 3
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
@@ -28,10 +31,12 @@ def profile(path: str, feeds: dict, runs: int) -> tuple[float, dict[str, float]]
     for _ in range(runs):
         sess.run(None, feeds)
     per_op: dict[str, float] = defaultdict(float)
-    with open(sess.end_profiling()) as f:
+    trace = sess.end_profiling()
+    with open(trace) as f:
         for event in json.load(f):
             if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
                 per_op[event["args"]["op_name"]] += event["dur"]
+    os.unlink(trace)
     total = sum(per_op.values())
     return total / runs / 1000.0, {k: v / total for k, v in per_op.items()}
 

@@ -34,20 +34,21 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+from harness import (GiB, killed_by_signal, mem_available, ok, pin_ort_threads, spawn, status_kib,  # noqa: E402
+                     worker_env)
+
 CACHE = Path.home() / ".cache" / "qtool"
 THREADS = 2
-MiB = 1024 * 1024
-GiB = 1024 * MiB
 
 INT_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeMatMul",
            "MatMulInteger", "ConvInteger", "QAttention", "QOrderedMatMul", "MatMulNBits")
@@ -60,20 +61,6 @@ ORT_CALIBRATORS = ("MinMax", "Percentile", "Entropy")
 # ------------------------------------------------------------------------------------------
 # workers: one quantizer in one subprocess
 # ------------------------------------------------------------------------------------------
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _peak() -> dict:
-    import resource
-    return {"vmhwm_mib": _status_kib("VmHWM") / 1024,
-            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
 
 def _batches(data: str, batch: int) -> list[dict]:
     """The calibration batches every tool sees: an .npz sliced in ``batch`` rows, or one batch
@@ -117,30 +104,13 @@ def _ort_reader(batches: list[dict]):
     return Reader()
 
 
-def _pin_ort_threads() -> None:
-    """ORT's calibrators make their session with default SessionOptions (all cores); rebuild it
-    the same way but with THREADS intra-op threads (a no-op on a 2-core machine)."""
-    import onnxruntime
-    from onnxruntime.quantization.calibrate import CalibraterBase
-
-    def create_inference_session(self):
-        so = onnxruntime.SessionOptions()
-        so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.intra_op_num_threads = THREADS
-        so.inter_op_num_threads = 1
-        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=so,
-                                                          providers=self.execution_providers)
-
-    CalibraterBase.create_inference_session = create_inference_session
-
-
 def work_qtool(spec: dict) -> dict:
     import qtool
     import qtool.api, qtool.planner, qtool.prepare, qtool.calib.collect  # noqa: E401,F401
     from qtool.config import CalibrateOptions, QuantizeOptions
     opts = QuantizeOptions(**spec["options"])
     copts = CalibrateOptions(**spec.get("calibrate", {}))
-    base = _status_kib("VmRSS") / 1024
+    base = status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
     qtool.quantize(spec["model"], spec["out"], data=None if opts.mode == "dynamic" else spec["data"],
                             options=opts, calibrate_options=copts)
@@ -150,8 +120,8 @@ def work_qtool(spec: dict) -> dict:
 def work_ort_static(spec: dict) -> dict:
     import numpy as np  # noqa: F401
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    _pin_ort_threads()
-    base = _status_kib("VmRSS") / 1024
+    pin_ort_threads(THREADS)
+    base = status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
     batches = _batches(spec["data"], spec["batch"])
     extra = {}
@@ -167,7 +137,7 @@ def work_ort_static(spec: dict) -> dict:
 
 def work_ort_dynamic(spec: dict) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    base = _status_kib("VmRSS") / 1024
+    base = status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
     quantize_dynamic(spec["model"], spec["out"], weight_type=QuantType.QInt8)
     return {"seconds": time.perf_counter() - t0, "base_mib": base}
@@ -180,7 +150,7 @@ def work_nncf(spec: dict) -> dict:
         import nncf
     except ImportError as exc:
         return {"status": f"skipped: nncf not importable ({exc}); pip install nncf"}
-    base = _status_kib("VmRSS") / 1024
+    base = status_kib("VmRSS") / 1024
     t0 = time.perf_counter()
     batches = _batches(spec["data"], spec["batch"])
     # one sample per item, so that subset_size counts samples
@@ -199,103 +169,45 @@ WORKERS = {"qtool": work_qtool, "ort_static": work_ort_static, "ort_dynamic": wo
 
 
 def worker_main(spec_json: str) -> None:
-    import resource
-    spec = json.loads(spec_json)
-    if spec.get("as_limit"):
-        resource.setrlimit(resource.RLIMIT_AS, (spec["as_limit"], spec["as_limit"]))
-    try:
-        res = {"status": "ok", **WORKERS[spec["tool"]](spec)}
-    except MemoryError:
-        res = {"status": "out of memory (MemoryError under RLIMIT_AS)"}
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        msg = str(exc).strip().splitlines()
-        text = f"{type(exc).__name__}: {msg[0][:300] if msg else ''}"
-        over = any(s in text.lower() for s in ("bad_alloc", "allocat", "memory"))
-        res = {"status": ("out of memory: " if over else "error: ") + text}
-        if os.environ.get("QTOOL_DEBUG"):
-            import traceback
-            traceback.print_exc()
-    res.update(_peak())
-    sys.stdout.flush()
-    print("RESULT " + json.dumps(res), flush=True)
+    harness.worker_main(spec_json, WORKERS, key="tool", memory_error="out of memory (MemoryError under RLIMIT_AS)",
+                        over_prefix="out of memory: ", over_words=("bad_alloc", "allocat", "memory"),
+                        peak_always=True, traceback_env="QTOOL_DEBUG")
 
 
 # ------------------------------------------------------------------------------------------
 # parent
 # ------------------------------------------------------------------------------------------
 
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 * GiB
-
-
 class Runner:
     """Runs one worker under RLIMIT_AS, an RSS watchdog and a timeout; logs go to ``logdir``."""
 
     def __init__(self, as_limit: int, rss_limit: int, timeout: float, logdir: Path):
         self.as_limit, self.rss_limit, self.timeout, self.logdir = as_limit, rss_limit, timeout, logdir
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), OPENBLAS_NUM_THREADS=str(THREADS),
-                        MKL_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+        self.env = worker_env(THREADS, PYTHONWARNINGS="ignore")
 
     def run(self, spec: dict, label: str) -> dict:
         spec = dict(spec, as_limit=self.as_limit)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         log = self.logdir / (label.replace(" ", "_").replace("/", "_") + ".log")
-        t0 = time.perf_counter()
-        with open(log, "w") as errf:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=self.env, cwd=ROOT,
-                                    start_new_session=True)
-            killed = {}
-
-            def watch():
-                while proc.poll() is None:
-                    try:
-                        with open(f"/proc/{proc.pid}/status") as f:
-                            rss = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:")), 0)
-                    except (OSError, StopIteration):
-                        rss = 0
-                    if rss > self.rss_limit:
-                        killed["rss"] = rss
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        return
-                    if time.perf_counter() - t0 > self.timeout:
-                        killed["timeout"] = True
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        return
-                    time.sleep(0.1)
-
-            t = threading.Thread(target=watch, daemon=True)
-            t.start()
-            out, _ = proc.communicate()
-            t.join()
-        wall = time.perf_counter() - t0
-        res = None
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                res = json.loads(line[7:])
-        err = log.read_text(errors="replace").strip().splitlines()
-        if killed.get("rss"):
-            res = {"status": f"out of memory (RSS {killed['rss'] / GiB:.1f} GiB > {self.rss_limit / GiB:.1f} GiB, killed)"}
-        elif killed.get("timeout"):
+        sp = spawn(__file__, spec, env=self.env, cwd=ROOT, rss_limit=self.rss_limit, timeout=self.timeout,
+                   poll=0.1, log=log, new_session=True)
+        res, wall = sp.result, sp.wall
+        err = sp.stderr.strip().splitlines()
+        if sp.killed.get("rss"):
+            res = {"status": f"out of memory (RSS {sp.killed['rss'] / GiB:.1f} GiB > {self.rss_limit / GiB:.1f} GiB, "
+                             "killed)"}
+        elif sp.killed.get("timeout"):
             res = {"status": f"timeout (> {self.timeout:.0f} s, killed)"}
         elif res is None:
             tail = " | ".join(err[-2:])[:300]
-            res = {"status": f"crashed (exit {proc.returncode}): {tail}"}
-            if proc.returncode in (-signal.SIGKILL, -signal.SIGABRT, -signal.SIGSEGV):
-                res["status"] = f"crashed (signal {-proc.returncode}, likely out of memory): {tail}"
+            res = {"status": f"crashed (exit {sp.returncode}): {tail}"}
+            if killed_by_signal(sp.returncode):
+                res["status"] = f"crashed (signal {-sp.returncode}, likely out of memory): {tail}"
         res["wall_s"] = wall
         res["log"] = str(log)
         brief = res["status"] if res["status"] != "ok" else (
             f"ok {res['seconds']:.1f}s, peak {res.get('vmhwm_mib', 0):.0f} MiB")
         print(f"  [{label}] {brief}  ({wall:.0f}s wall)", file=sys.stderr, flush=True)
         return res
-
-
-def ok(res: dict | None) -> bool:
-    return bool(res) and res.get("status") == "ok"
 
 
 def model_bytes(path: Path) -> int:
@@ -369,12 +281,7 @@ def huge_ranges(cache: Path) -> list[str]:
 
 
 def print_table(rows: list[tuple], header: tuple) -> None:
-    rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    harness.print_table(rows, header, right_align=False, rule=True)
 
 
 def load_avg() -> str:
