@@ -43,6 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipe_common import tidy_initializer_names  # noqa: E402
+
+
 MODEL_NAME = "efficientnet-lite0"
 WEIGHTS_SHA256_PREFIX = "57934424"  # efficientnet-lite0-57934424.pth (torch.hub naming)
 SIZE = 224
@@ -238,34 +242,6 @@ def load_model(torch):
     if gp.relu_fn != "relu6" or gp.local_pooling or gp.image_size != SIZE:
         raise RuntimeError(f"unexpected {MODEL_NAME} config: {gp}")
     return model, path, digest
-
-
-def tidy_initializer_names(graph) -> None:
-    """Name Conv/Gemm weights after their module (``_blocks.3._depthwise_conv.weight``).
-
-    The exporter names the BN-folded Conv parameters ``onnx::Conv_NNN``. Node names
-    are ``/_blocks.3/_depthwise_conv/Conv``, which gives the module path.
-    """
-    inits = {i.name: i for i in graph.initializer}
-    renames = {}
-    for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm") or not node.name.startswith("/"):
-            continue
-        module = ".".join(node.name[1:].split("/")[:-1])
-        if not module:
-            continue
-        for inp, suffix in zip(node.input[1:], ("weight", "bias")):
-            new = f"{module}.{suffix}"
-            if inp in inits and inp != new and inp not in renames and new not in inits:
-                renames[inp] = new
-    if len(set(renames.values())) != len(renames):
-        return  # ambiguous; keep exporter names
-    for old, new in renames.items():
-        inits[old].name = new
-    for node in graph.node:
-        for k, inp in enumerate(node.input):
-            if inp in renames:
-                node.input[k] = renames[inp]
 
 
 def fold_constants(model) -> int:

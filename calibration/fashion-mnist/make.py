@@ -33,6 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from recipe_common import tidy_initializer_names  # noqa: E402
+
+
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -96,32 +100,6 @@ def build_model(nn):
         ("fc1", nn.Linear(32 * 7 * 7, 128)), ("relu3", nn.ReLU()),
         ("fc2", nn.Linear(128, 10)),
     ]))
-
-
-def tidy_initializer_names(graph) -> None:
-    """Give Conv/Gemm weights stable readable names (conv1.weight, fc2.bias, ...).
-
-    The exporter names BN-folded Conv parameters ``onnx::Conv_NN``; rename every
-    Conv/Gemm weight/bias initializer after the module its node came from.
-    """
-    inits = {i.name: i for i in graph.initializer}
-    renames = {}
-    for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm") or not node.name.startswith("/"):
-            continue
-        module = node.name.split("/")[1]
-        for inp, suffix in zip(node.input[1:], ("weight", "bias")):
-            new = f"{module}.{suffix}"
-            if inp in inits and inp != new and inp not in renames and new not in inits:
-                renames[inp] = new
-    if len(set(renames.values())) != len(renames):
-        return  # ambiguous; keep exporter names
-    for old, new in renames.items():
-        inits[old].name = new
-    for node in graph.node:
-        for k, inp in enumerate(node.input):
-            if inp in renames:
-                node.input[k] = renames[inp]
 
 
 def seed_everything(seed: int, torch) -> None:

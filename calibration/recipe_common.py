@@ -1,0 +1,32 @@
+"""Helpers shared by the model recipes in calibration/ (recipes only; qtool never imports this)."""
+
+from __future__ import annotations
+
+
+def tidy_initializer_names(graph) -> None:
+    """Name Conv/Gemm weights after their module (``conv1.weight``,
+    ``_blocks.3._depthwise_conv.weight``).
+
+    The exporter names BN-folded Conv parameters ``onnx::Conv_NNN``. Node names
+    such as ``/_blocks.3/_depthwise_conv/Conv`` give the module path.
+    """
+    inits = {i.name: i for i in graph.initializer}
+    renames = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or not node.name.startswith("/"):
+            continue
+        module = ".".join(node.name[1:].split("/")[:-1])
+        if not module:
+            continue
+        for inp, suffix in zip(node.input[1:], ("weight", "bias")):
+            new = f"{module}.{suffix}"
+            if inp in inits and inp != new and inp not in renames and new not in inits:
+                renames[inp] = new
+    if len(set(renames.values())) != len(renames):
+        return  # ambiguous; keep exporter names
+    for old, new in renames.items():
+        inits[old].name = new
+    for node in graph.node:
+        for k, inp in enumerate(node.input):
+            if inp in renames:
+                node.input[k] = renames[inp]
