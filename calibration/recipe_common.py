@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 
 def tidy_initializer_names(graph) -> None:
     """Name Conv/Gemm weights after their module (``conv1.weight``,
@@ -30,3 +34,10 @@ def tidy_initializer_names(graph) -> None:
         for k, inp in enumerate(node.input):
             if inp in renames:
                 node.input[k] = renames[inp]
+
+
+def print_outputs(out: Path, t_start: float, names=("model.onnx", "calib.npz", "eval.npz")) -> None:
+    """Each output file's size, then the recipe's wall time since ``t_start`` (perf_counter)."""
+    for name in names:
+        print(f"{out / name}: {os.path.getsize(out / name):,} bytes")
+    print(f"done in {time.perf_counter() - t_start:.1f}s")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import __version__
 from . import model as model_io
-from .calib.table import CalibrationTable, TensorStats
+from .calib.table import CalibrationTable
 from .config import CalibrateOptions, EvalOptions, QuantizeOptions
 from .data import Dataset, InputSpec, check_against_model
 from .errors import DataError, QtoolError, TableError
@@ -110,11 +110,17 @@ def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOpti
     quantize are collected, so that a later ``--exclude`` (which can turn a
     shared tensor into one with its own range) works from the same table.
     """
+    p = prepare(model, quantize_options.preprocess)
+    return _calibrate_prepared(p, data, options, quantize_options, on_batch, threads)
+
+
+def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_options: QuantizeOptions,
+                        on_batch: Callable[[int], None] | None = None, threads: int | None = None) -> CalibrationTable:
+    """:func:`calibrate` on a model already loaded and pre-processed."""
     from .calib.collect import collect
     from .calib.methods import finish
     from .calib.observers import make_observer
     from .planner import calibration_tensors
-    p = prepare(model, quantize_options.preprocess)
     ds = open_data(data, p.model)
     tensors = calibration_tensors(p.model, quantize_options)
     batch_size = _batch_size(p.model, options.batch_size)
@@ -171,7 +177,7 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
             raise QtoolError("static quantization needs a calibration table (--table) or data (--data); "
                              "or use --mode dynamic")
         if table is None:
-            table = calibrate(model, data, calibrate_options, options, on_batch)
+            table = _calibrate_prepared(p, data, calibrate_options, options, on_batch)
         table = _load_table(table, p, options)
         ranges = table_ranges(table, method)
         the_plan = apply_table(make_plan(p.model, options, p.notes, ranges), ranges, p.model)

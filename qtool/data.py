@@ -108,9 +108,11 @@ class Dataset:
                 raise DataError(f"{self.path}: directory holds no .npz files")
         else:
             self.files = [self.path]
+        self.file_specs: list[dict[str, ArraySpec]] = []
         self.specs = self._read_specs()
 
     def _read_specs(self) -> dict[str, ArraySpec]:
+        """Merged specs over all files; each file's own specs go to ``file_specs``."""
         specs: dict[str, ArraySpec] = {}
         for f in self.files:
             with _open_zip(f) as zf:
@@ -128,6 +130,7 @@ class Dataset:
                 raise DataError(f"{f}: arrays disagree on the number of samples ({detail})")
             if specs and set(specs) != set(file_specs):
                 raise DataError(f"{f}: keys {sorted(file_specs)} differ from {sorted(specs)} in {self.files[0]}")
+            self.file_specs.append(file_specs)
             for key, s in file_specs.items():
                 prev = specs.get(key)
                 specs[key] = ArraySpec(key, s.shape if prev is None else (prev.shape[0] + s.shape[0],) + s.shape[1:], s.dtype)
@@ -205,11 +208,8 @@ def _dims_text(shape) -> str:
 
 
 def _check_one(dataset: Dataset, spec: InputSpec) -> None:
-    for f in dataset.files:
-        have = _file_shape(f, spec.name)
-        if have is None:
-            continue
-        shape, dtype = have
+    for file_specs in dataset.file_specs:
+        shape, dtype = file_specs[spec.name].shape, file_specs[spec.name].dtype
         if len(shape) != len(spec.shape):
             raise DataError(f"input {spec.name!r}: data has rank {len(shape)} {list(shape)}, "
                             f"model expects rank {len(spec.shape)} {_dims_text(spec.shape)}")
@@ -223,16 +223,6 @@ def _check_one(dataset: Dataset, spec: InputSpec) -> None:
         batch_dim = spec.shape[0]
         if isinstance(batch_dim, int) and batch_dim > 0 and shape[0] % batch_dim:
             raise DataError(f"input {spec.name!r}: model has a fixed batch of {batch_dim} but the data holds {shape[0]} samples")
-
-
-def _file_shape(path: Path, key: str):
-    with _open_zip(path) as zf:
-        member = _members(zf, path).get(key)
-        if member is None:
-            return None
-        with zf.open(member) as fh:
-            shape, _, dtype = _read_header(fh)
-    return tuple(shape), dtype
 
 
 def check_finite(batch: dict[str, np.ndarray], index: int) -> None:

@@ -7,7 +7,7 @@ re-judged against new thresholds (:func:`judge`) without running inference again
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 

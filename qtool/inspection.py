@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from .graph import GraphView, infer_shapes, tensor_shape
+from .graph import GraphView, tensor_shape
 
 MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -85,13 +85,28 @@ def concrete_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -
     return m, used
 
 
-def macs_per_op(view: GraphView) -> dict[str, int]:
-    totals: Counter = Counter()
+def static_view(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> tuple[GraphView, dict]:
+    """A view of ``model`` with concrete input shapes and every shape it implies resolved."""
+    from .preprocess.passes import resolve_static_shapes
+    fixed, used = concrete_model(model, shapes)
+    return GraphView(resolve_static_shapes(fixed)), used
+
+
+def macs_by_node(view: GraphView) -> dict[str, int]:
+    """MACs of every Conv/ConvTranspose/MatMul/Gemm node whose shapes are known."""
+    out = {}
     for node in view.nodes:
         if node.op_type in MAC_OPS:
             value = _node_macs(node, view)
             if value is not None:
-                totals[node.op_type] += value
+                out[view.node_name(node)] = value
+    return out
+
+
+def macs_per_op(view: GraphView) -> dict[str, int]:
+    totals: Counter = Counter()
+    for name, value in macs_by_node(view).items():
+        totals[view.by_name[name].op_type] += value
     return dict(totals)
 
 
@@ -130,12 +145,9 @@ def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shap
     view = GraphView(model)
     blockers = list(notes)
     try:
-        fixed, used = concrete_model(prepared if prepared is not None else model, shapes or {})
+        fixed_view, used = static_view(prepared if prepared is not None else model, shapes or {})
     except ValueError as exc:
         raise _shape_error(str(exc))
-    from .preprocess.passes import resolve_static_shapes
-    fixed = resolve_static_shapes(fixed)
-    fixed_view = GraphView(fixed)
     missing = [n.output[0] for n in fixed_view.nodes if n.op_type in MAC_OPS
                and not _known(fixed_view.shape(n.output[0]))]
     if missing:

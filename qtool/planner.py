@@ -8,7 +8,7 @@ import onnx
 
 from .config import QuantizeOptions
 from .errors import TableError
-from .graph import GraphView, infer_shapes
+from .graph import GraphView
 from .graph.patterns import float_patterns
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .qparams import PerTensor, QType, choose_qparams, weight_qparams
@@ -43,20 +43,12 @@ def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...
 
 def node_macs(model: onnx.ModelProto) -> dict[str, int]:
     """MACs of each Conv/MatMul/Gemm node at batch 1 (dynamic dims taken as 1)."""
-    from .inspection import MAC_OPS, _node_macs, concrete_model
+    from .inspection import macs_by_node, static_view
     try:
-        fixed, _ = concrete_model(model, {})
+        view, _ = static_view(model, {})
     except ValueError:
         return {}
-    from .preprocess.passes import resolve_static_shapes
-    view = GraphView(resolve_static_shapes(fixed))
-    out = {}
-    for node in view.nodes:
-        if node.op_type in MAC_OPS:
-            value = _node_macs(node, view)
-            if value is not None:
-                out[view.node_name(node)] = value
-    return out
+    return macs_by_node(view)
 
 
 def calibration_tensors(model: onnx.ModelProto, options: QuantizeOptions) -> list[str]:

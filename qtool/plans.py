@@ -7,7 +7,7 @@ never mutates the model. The rewriter applies a Plan and decides nothing.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
 PLAN_FORMAT_VERSION = 1

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from click.testing import CliRunner
 
 import models

@@ -5,7 +5,6 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 
 import models
 import qtool
@@ -83,7 +82,6 @@ def test_matmul_weights_and_activations(tmp_path):
     src, out, q, result = quantize(m, tmp_path)
     counts = ops(q)
     assert counts["MatMul"] == 3
-    decided = {n.name or n.op_type: n for n in result.plan.nodes}
     assert sum(n.quantized for n in result.plan.nodes if n.op_type == "MatMul") == 3
     assert not any(n.quantized for n in result.plan.nodes if n.op_type in ("Add", "Relu"))
     t = result.plan.tensors

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipe_common import tidy_initializer_names  # noqa: E402
+from recipe_common import print_outputs, tidy_initializer_names  # noqa: E402
 
 
 MODEL_NAME = "efficientnet-lite0"
@@ -549,9 +549,7 @@ def main(argv=None) -> int:
     print(f"fp32 onnxruntime latency, batch 8, 2 threads: median {1e3 * float(np.median(times)):.1f} ms "
           f"(min {1e3 * min(times):.1f}, max {1e3 * max(times):.1f}) over 20 runs")
 
-    for name in ("model.onnx", "calib.npz", "eval.npz"):
-        print(f"{args.out / name}: {os.path.getsize(args.out / name):,} bytes")
-    print(f"done in {time.perf_counter() - t_start:.1f}s")
+    print_outputs(args.out, t_start)
     return 0
 
 

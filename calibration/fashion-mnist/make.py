@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
-import os
 import random
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipe_common import tidy_initializer_names  # noqa: E402
+from recipe_common import print_outputs, tidy_initializer_names  # noqa: E402
 
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -269,9 +268,7 @@ def main(argv=None) -> int:
     print(f"fp32 accuracy (onnxruntime) on eval.npz ({N_EVAL} images): {acc_eval:.4f}")
     print(f"fp32 accuracy (onnxruntime) on full test set ({len(y_test)} images): {acc_full:.4f}")
 
-    for name in ("model.onnx", "calib.npz", "eval.npz"):
-        print(f"{args.out / name}: {os.path.getsize(args.out / name):,} bytes")
-    print(f"done in {time.perf_counter() - t_start:.1f}s")
+    print_outputs(args.out, t_start)
     return 0
 
 

@@ -56,6 +56,11 @@ class GraphView:
         return {out: n for n in self.nodes for out in n.output if out}
 
     @cached_property
+    def by_name(self) -> dict[str, onnx.NodeProto]:
+        """Nodes by :meth:`node_name` (their name, or op type and first output)."""
+        return {self.node_name(n): n for n in self.nodes}
+
+    @cached_property
     def consumers(self) -> dict[str, list[onnx.NodeProto]]:
         table: dict[str, list[onnx.NodeProto]] = {}
         for n in self.nodes:

@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..graph import GraphView
-from ..plans import Action, Plan, Role
+from ..plans import Action, Plan
 from ..rules.dynamic import KERNEL
 from . import qdq
 from .names import Names
@@ -39,7 +39,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         key = view.node_name(node)
         if key not in kernels:
             continue
-        bias_node = next((n for n in view.nodes if view.node_name(n) == fused.get(key)), None)
+        bias_node = view.by_name.get(fused.get(key))
         a = node.input[0]
         prefix = []
         if a in shared and a not in quantized_inputs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..graph import GraphView
 from ..plans import Action, Plan, Role
@@ -79,7 +79,7 @@ class _Rewrite:
             return node.output[0]
         fused = self.fused.get(key)
         if fused:
-            act = next(n for n in self.view.nodes if self.view.node_name(n) == fused)
+            act = self.view.by_name[fused]
             if self.is_int8(act.output[0]):
                 return act.output[0]
         return None
