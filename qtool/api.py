@@ -27,17 +27,18 @@ from .prepare import Prepared, prepare
 def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None):
     """Describe a model: IO, opsets, parameters, size, MACs, what would be quantized."""
     from .inspection import inspect_model
-    from .planner import plan as make_plan
+    from .planner import analyse, plan as make_plan
     p = prepare(model)
     raw = model_io.load(model, load_external=False)
-    size = _size_on_disk(model)
-    return inspect_model(raw, str(model), size, make_plan(p.model, QuantizeOptions()), shapes, p.notes, p.model)
+    size = _size_on_disk(model, raw)
+    facts, notes = analyse(p.model, QuantizeOptions())
+    return inspect_model(raw, str(model), size, make_plan(facts), shapes, p.notes + notes, p.model)
 
 
-def _size_on_disk(path) -> int:
-    """Model file plus its external data files."""
+def _size_on_disk(path, m=None) -> int:
+    """Model file plus its external data files (``m``: the model, loaded without its data)."""
     p = Path(path)
-    m = model_io.load(p, load_external=False)
+    m = m if m is not None else model_io.load(p, load_external=False)
     total = p.stat().st_size
     locations = set()
     for t in m.graph.initializer:
@@ -71,14 +72,35 @@ def open_data(data, m) -> Dataset:
 
 def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
          options: QuantizeOptions = QuantizeOptions(), method: str | None = None) -> Plan:
-    """The quantization plan; with a table, activation parameters are filled in."""
-    from .planner import apply_table, plan as make_plan
+    """The quantization plan. Without a table (static mode): decisions only; with
+    a table, or in dynamic mode, resolved: every scale, zero point and kernel."""
+    from .planner import analyse, plan as make_plan
     p = prepare(model, options.preprocess)
-    result = make_plan(p.model, options, p.notes)
-    if table is None:
-        return result
-    ranges = table_ranges(_load_table(table, p, options), method)
-    return apply_table(make_plan(p.model, options, p.notes, ranges), ranges, p.model)
+    if table is None and options.mode == "static":
+        facts, notes = analyse(p.model, options)
+        return _tie(make_plan(facts, p.notes + notes), p, options)
+    return _resolved_plan(p, options, table and _load_table(table, p, options), method)
+
+
+def _tie(the_plan: Plan, p: Prepared, options: QuantizeOptions) -> Plan:
+    """Bind a plan to the model file and pre-processing it was made for."""
+    from dataclasses import replace
+    return replace(the_plan, model_sha256=p.sha256, preprocess=options.preprocess)
+
+
+def _resolved_plan(p: Prepared, options: QuantizeOptions, table: CalibrationTable | None,
+                   method: str | None, facts=None) -> Plan:
+    """Plan (with calibrated ranges for the range-dependent rules) and resolve."""
+    from dataclasses import replace
+    from .planner import analyse, plan as make_plan
+    from .resolve import resolve
+    ranges = TableRanges(table, method) if table is not None else TableRanges.empty()
+    if facts is None:
+        facts, notes = analyse(p.model, options, ranges.base)
+    else:
+        facts, notes = replace(facts[0], ranges=ranges.base), facts[1]
+    decided = make_plan(facts, p.notes + notes)
+    return _tie(resolve(decided, facts.view, ranges), p, options)
 
 
 def _load_table(table, p: Prepared, options: QuantizeOptions) -> CalibrationTable:
@@ -101,6 +123,27 @@ def table_ranges(table: CalibrationTable, method: str | None = None) -> dict[str
     return {name: derive_range(stats, method, table.params) for name, stats in table.tensors.items()}
 
 
+class TableRanges:
+    """A table's activation ranges for the resolve step: ``(name, precision) -> (lo, hi)``.
+    8-bit tensors take the method's range; wider ones re-derive it for their grid
+    (see :func:`qtool.calib.methods.derive_range`)."""
+
+    def __init__(self, table: CalibrationTable | None, method: str | None):
+        self.table = table
+        self.method = method or (table.method if table is not None else None)
+        self.base = table_ranges(table, method) if table is not None else {}
+
+    @classmethod
+    def empty(cls) -> "TableRanges":
+        return cls(None, None)
+
+    def __call__(self, name: str, precision) -> tuple[float, float]:
+        if precision.bits <= 8 or self.method not in ("mse", "entropy"):
+            return self.base[name]
+        from .calib.methods import derive_range
+        return derive_range(self.table.tensors[name], self.method, self.table.params, precision.bits)
+
+
 def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOptions(),
               quantize_options: QuantizeOptions = QuantizeOptions(),
               on_batch: Callable[[int], None] | None = None, threads: int | None = None) -> CalibrationTable:
@@ -115,14 +158,15 @@ def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOpti
 
 
 def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_options: QuantizeOptions,
-                        on_batch: Callable[[int], None] | None = None, threads: int | None = None) -> CalibrationTable:
-    """:func:`calibrate` on a model already loaded and pre-processed."""
+                        on_batch: Callable[[int], None] | None = None, threads: int | None = None,
+                        facts=None) -> CalibrationTable:
+    """:func:`calibrate` on a model already loaded, pre-processed and (``facts``) analysed."""
     from .calib.collect import collect
     from .calib.methods import finish
     from .calib.observers import make_observer
-    from .planner import calibration_tensors
+    from .planner import analyse, calibration_tensors
     ds = open_data(data, p.model)
-    tensors = calibration_tensors(p.model, quantize_options)
+    tensors = calibration_tensors((facts or analyse(p.model, quantize_options))[0])
     batch_size = _batch_size(p.model, options.batch_size)
     observers, samples, batches = collect(p.model, tensors, ds.batches(batch_size, options.limit),
                                           lambda: make_observer(options), on_batch, threads)
@@ -160,38 +204,55 @@ class QuantizeResult:
 def quantize(model: str | Path, output: str | Path, table: CalibrationTable | str | Path | None = None,
              data=None, options: QuantizeOptions = QuantizeOptions(),
              calibrate_options: CalibrateOptions = CalibrateOptions(), method: str | None = None,
-             on_batch: Callable[[int], None] | None = None) -> QuantizeResult:
-    """Quantize: plan, rewrite (QDQ, QOperator or dynamic), check, save atomically.
+             on_batch: Callable[[int], None] | None = None, plan: Plan | str | Path | None = None) -> QuantizeResult:
+    """Quantize: plan, resolve, rewrite (QDQ, QOperator or dynamic), check, save atomically.
 
     Static mode needs a calibration ``table`` or ``data`` to calibrate on;
-    dynamic mode needs neither.
+    dynamic mode needs neither. ``plan``: apply a saved (possibly hand-edited)
+    resolved plan instead; it must belong to ``model`` and be self-consistent.
     """
     from .check import check_quantized
-    from .planner import apply_table, plan as make_plan
     out = model_io.check_output_path(output, model)
-    p = prepare(model, options.preprocess)
-    if options.mode == "dynamic":
-        the_plan = apply_table(make_plan(p.model, options, p.notes), {}, p.model)
+    if plan is not None:
+        the_plan, p = _saved_plan(model, plan)
     else:
-        if table is None and data is None:
-            raise QtoolError("static quantization needs a calibration table (--table) or data (--data); "
-                             "or use --mode dynamic")
-        if table is None:
-            table = _calibrate_prepared(p, data, calibrate_options, options, on_batch)
-        table = _load_table(table, p, options)
-        ranges = table_ranges(table, method)
-        the_plan = apply_table(make_plan(p.model, options, p.notes, ranges), ranges, p.model)
-    result = _rewriter(options).apply(p.model, the_plan)
+        the_plan, p, table = _plan_for(model, table, data, options, calibrate_options, method, on_batch)
+    result = _rewriter(the_plan).apply(p.model, the_plan)
     check_quantized(result)
     model_io.save(result, out, external_data=options.external_data)
-    return QuantizeResult(out, the_plan, table if options.mode == "static" else None, p.notes)
+    return QuantizeResult(out, the_plan, table if the_plan.mode == "static" else None, p.notes)
 
 
-def _rewriter(options: QuantizeOptions):
-    from .rewrite import dynamic, qdq, qoperator
+def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: CalibrateOptions, method,
+              on_batch) -> tuple[Plan, Prepared, CalibrationTable | None]:
+    """Prepare and analyse once; calibrate when asked; plan and resolve."""
+    from .planner import analyse
+    p = prepare(model, options.preprocess)
+    facts = analyse(p.model, options)
     if options.mode == "dynamic":
+        return _resolved_plan(p, options, None, None, facts), p, None
+    if table is None and data is None:
+        raise QtoolError("static quantization needs a calibration table (--table) or data (--data); "
+                         "or use --mode dynamic")
+    if table is None:
+        table = _calibrate_prepared(p, data, calibrate_options, options, on_batch, facts=facts)
+    table = _load_table(table, p, options)
+    return _resolved_plan(p, options, table, method, facts), p, table
+
+
+def _saved_plan(model, plan) -> tuple[Plan, Prepared]:
+    from .plan_check import check_plan, load_plan
+    saved = plan if isinstance(plan, Plan) else load_plan(plan)
+    p = prepare(model, saved.preprocess)
+    check_plan(saved, p)
+    return saved, p
+
+
+def _rewriter(the_plan: Plan):
+    from .rewrite import dynamic, qdq, qoperator
+    if the_plan.mode == "dynamic":
         return dynamic
-    return qoperator if options.format == "qoperator" else qdq
+    return qoperator if the_plan.format == "qoperator" else qdq
 
 
 def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | Path | None = None,
@@ -199,8 +260,10 @@ def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | P
     """Run both models on the same data; metrics, sizes and latency side by side, then gates."""
     from .evaluation import Thresholds, judge
     from .comparison import run_pair
-    ref = model_io.load(reference)
-    cand = model_io.load(candidate)
+    # onnx parses each model once (without its weights: only inputs and sizes are read here);
+    # onnxruntime reads the files itself
+    ref = model_io.load(reference, load_external=False)
+    cand = model_io.load(candidate, load_external=False)
     ds = open_data(data, ref)
     check_against_model(ds, model_inputs(cand))
     label_array = _labels(ds, labels, limit)
@@ -209,7 +272,7 @@ def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | P
         from .task import load_task
         task = load_task(options.task)
     report = run_pair(reference, candidate, ds, label_array, options, limit,
-                      _size_on_disk(reference), _size_on_disk(candidate), task)
+                      _size_on_disk(reference, ref), _size_on_disk(candidate, cand), task)
     return judge(report, Thresholds(options.max_drop, options.min_agreement, options.min_cosine,
                                     options.max_task_drop))
 

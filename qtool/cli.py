@@ -160,26 +160,43 @@ def _merge(paths, model, output):
               help="Write weights to OUT.onnx.data (default: only above 2 GB).")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default).")
 @click.option("--activation-type", type=click.Choice(["int8", "uint8"]), default=None)
-@click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep these nodes or op types float.")
+@click.option("--precision", "precision", multiple=True, metavar="NAME_OR_OPTYPE=P",
+              help="Per-node precision: fp32 (kept float, reading float inputs), int8, uint8, int16 or uint16 "
+                   "(16-bit activations, QDQ only). A node name beats an op type.")
+@click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep these nodes or op types float "
+              "(same as --precision NAME=fp32).")
+@click.option("--plan", "plan_path", type=click.Path(),
+              help="Apply a saved (possibly hand-edited) plan from --save-plan: no table or data needed.")
 @click.option("--preprocess/--no-preprocess", default=None,
               help="Constant folding, BatchNorm/Pad folding before planning (default on).")
 @click.option("--explain", is_flag=True, help="Print the plan: node, decision, reason.")
 @click.option("--save-plan", type=click.Path(), help="Also write the plan as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([quantize] and [calibrate]).")
 @handle_errors
-def quantize(model, output, table, data, method, mode, fmt, external_data, per_channel, activation_type, exclude,
-             preprocess, explain, save_plan, preset):
-    """int8 quantization: static (QDQ or QOperator) or dynamic."""
+def quantize(model, output, table, data, method, mode, fmt, external_data, per_channel, activation_type, precision,
+             exclude, plan_path, preprocess, explain, save_plan, preset):
+    """int8 quantization: static (QDQ or QOperator) or dynamic, or a saved plan applied."""
     from . import api
     from .config import override
     from .errors import QtoolError
     from .model import atomic_write_text, check_output_path
     if table and data:
         raise QtoolError("give either --table or --data, not both")
-    check_output_path(output, model, table, data)
+    if plan_path:
+        given = [flag for flag, value in (("--table", table), ("--data", data), ("--method", method),
+                                          ("--mode", mode), ("--format", fmt), ("--per-channel", per_channel),
+                                          ("--activation-type", activation_type), ("--precision", precision),
+                                          ("--exclude", exclude), ("--preprocess", preprocess))
+                 if value not in (None, ())]
+        if given:
+            raise QtoolError(f"--plan carries every decision; {given[0]} cannot be combined with it")
+    check_output_path(output, model, table, data, plan_path)
+    if save_plan:
+        check_output_path(save_plan, model, table, data, plan_path, output)
     cfg = _preset(preset)
     qopts = override(cfg.quantize, mode=mode, format=fmt, external_data=external_data, per_channel=per_channel,
                      activation_type=activation_type, preprocess=preprocess,
+                     precision=tuple(cfg.quantize.precision) + tuple(precision) if precision else None,
                      exclude=tuple(cfg.quantize.exclude) + tuple(exclude) if exclude else None)
     copts = override(cfg.calibrate, method=method)
     bar = None
@@ -189,7 +206,8 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
         data = ds
     try:
         result = api.quantize(model, output, table=table, data=data, options=qopts, calibrate_options=copts,
-                              method=method if table else None, on_batch=bar.update if bar else None)
+                              method=method if table else None, on_batch=bar.update if bar else None,
+                              plan=plan_path)
     finally:
         if bar:
             bar.close()

@@ -68,7 +68,10 @@ class QuantizeOptions:
     asymmetric unless activation_symmetric. uint8 is the default because on
     x86-64 onnxruntime runs QDQ Conv as U8S8 and converts int8 activations to
     uint8 only where a QuantizeLinear feeds a single DequantizeLinear; a tensor
-    with several consumers (residuals, branches) then keeps its Conv in float. exclude: node names or op types left in float.
+    with several consumers (residuals, branches) then keeps its Conv in float.
+    precision: per-node overrides ``"NAME_OR_OPTYPE=P"`` with P one of fp32,
+    int8, uint8, int16, uint16 (a node name beats an op type). exclude: node
+    names or op types kept float (a synonym for ``NAME=fp32``).
     preprocess: constant folding, Constant->initializer, BatchNorm and Pad
     folding before planning (opset upgrade and shape inference always run).
     external_data: write weights to ``<output>.data`` (None: only when the
@@ -81,6 +84,7 @@ class QuantizeOptions:
     activation_type: str = "uint8"
     activation_symmetric: bool = False
     weight_type: str = "int8"
+    precision: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     preprocess: bool = True
     external_data: bool | None = None
@@ -91,6 +95,29 @@ class QuantizeOptions:
         _choice("quantize.activation_type", self.activation_type, ACTIVATION_TYPES)
         _choice("quantize.weight_type", self.weight_type, ("int8",))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "precision", tuple(self.precision))
+        overrides = self.overrides()
+        wide = [key for key, p in overrides if p.bits == 16]
+        if wide and (self.mode == "dynamic" or self.format == "qoperator"):
+            raise ConfigError(f"16-bit activations ({wide[0]}) exist only as QDQ: use --format qdq in static mode")
+
+    def overrides(self) -> list[tuple[str, "Precision"]]:
+        """(name or op type, precision) pairs: ``exclude`` first, then ``precision`` in order."""
+        from .types import NODE_PRECISIONS, Precision
+        pairs = [(key, Precision.FP32) for key in self.exclude]
+        allowed = ", ".join(p.label for p in NODE_PRECISIONS)
+        for item in self.precision:
+            key, sep, value = item.rpartition("=")
+            if not sep or not key:
+                raise ConfigError(f"quantize.precision {item!r}: expected NAME_OR_OPTYPE=PRECISION ({allowed})")
+            try:
+                precision = Precision.parse(value.strip())
+            except ValueError:
+                precision = None
+            if precision not in NODE_PRECISIONS:
+                raise ConfigError(f"quantize.precision {item!r}: precision must be one of {allowed}")
+            pairs.append((key.strip(), precision))
+        return pairs
 
 
 @dataclass(frozen=True)

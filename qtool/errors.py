@@ -29,3 +29,7 @@ class OutputError(QtoolError):
 
 class TableError(QtoolError):
     """A calibration table is malformed or belongs to another model."""
+
+
+class PlanError(QtoolError):
+    """A saved plan is malformed, belongs to another model, or contradicts itself."""

@@ -1,196 +1,312 @@
-"""The planner: model (+ table) -> Plan. Reads, decides, never mutates."""
+"""The planner: facts (+ calibrated ranges) -> Plan. Reads, decides, never mutates.
+
+Rules are pure; the planner alone assembles their decisions, node by node in
+topological order, and records a fusion (a Relu absorbed by its Conv, a bias
+Add by its dynamic MatMul) only when both sides are final. A node kept float
+reads float inputs: where a float node would read a quantized tensor that
+onnxruntime must see unquantized (a node the user keeps float; a float
+Conv/Gemm that onnxruntime's WeightBiasQuantization would otherwise quantize
+per tensor), its producer cannot stay an integer kernel and is kept float too,
+and the assembly runs again until nothing changes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import difflib
+from dataclasses import dataclass, field, replace
 
 import onnx
 
 from .config import QuantizeOptions
-from .errors import TableError
+from .errors import ConfigError
 from .graph import GraphView
 from .graph.patterns import float_patterns
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
-from .qparams import PerTensor, QType, choose_qparams, weight_qparams
-from .rules import RULES, Act, Bias, Context, NodeRule, Optional, Share, Skip, Weight
+from .rules import RULES, Act, Bias, Context, Facts, NodeRule, Optional, Share, Skip, Weight
 from .rules import dynamic as dynamic_rules
+from .types import PerAxis, PerTensor, Precision, cpu_needs_reduced_range
+
+WBQ_OPS = ("Conv", "ConvTranspose", "Gemm")  # onnxruntime's WeightBiasQuantization targets
 
 
-def plan(model: onnx.ModelProto, options: QuantizeOptions, notes: tuple[str, ...] = (),
-         ranges: dict[str, tuple[float, float]] | None = None) -> Plan:
-    """Decide, node by node in topological order, what is quantized and why.
-
-    ``ranges`` (calibrated, when known) lets range-dependent rules (Concat)
-    decide; activation parameters are filled by :func:`apply_table`.
-    """
+def analyse(model: onnx.ModelProto, options: QuantizeOptions, ranges=None) -> tuple[Facts, tuple[str, ...]]:
+    """The facts every stage reads, computed once: graph view, float patterns,
+    MAC counts, and the user's precision overrides matched to nodes."""
     view = GraphView(model)
-    ctx = Context(view, options, patterns=float_patterns(view), ranges=ranges, macs=node_macs(model))
-    tensors: dict[str, TensorPlan] = {}
-    nodes = []
-    for node in view.nodes:
-        decision = _decide(node, ctx)
-        if isinstance(decision, Skip):
-            nodes.append(NodePlan(view.node_name(node), node.op_type, False, decision.reason))
-            continue
-        _record_inputs(node, decision, ctx, tensors)
-        _record_output(node, decision, ctx, tensors)
-        nodes.append(_node_plan(node, decision, ctx))
-    for out, producer in ctx.optional.items():
-        tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP,
-                                  f"output of {producer}: float (no quantized consumer; int8 kernel with float output)")
-    return Plan(tensors, tuple(nodes), tuple(notes))
+    notes = []
+    macs, why = node_macs(model)
+    if why:
+        notes.append(f"MAC counts unavailable ({why}): the rules that use them (cheap first layer, "
+                     "dynamic mode's small-MatMul skip) are off")
+    overrides = match_overrides(view, options)
+    kept = {name: "kept float on request (--precision NAME=fp32 or --exclude)" for name, p in overrides.items()
+            if p is Precision.FP32}
+    return Facts(view, options, float_patterns(view), ranges, macs, overrides, kept), tuple(notes)
 
 
-def node_macs(model: onnx.ModelProto) -> dict[str, int]:
-    """MACs of each Conv/MatMul/Gemm node at batch 1 (dynamic dims taken as 1)."""
+def node_macs(model: onnx.ModelProto) -> tuple[dict[str, int], str | None]:
+    """MACs of each Conv/MatMul/Gemm node at batch 1 (dynamic dims taken as 1),
+    or ({}, why) when shapes cannot be resolved."""
     from .inspection import macs_by_node, static_view
     try:
         view, _ = static_view(model, {})
-    except ValueError:
-        return {}
-    return macs_by_node(view)
+    except ValueError as exc:
+        return {}, str(exc).splitlines()[0][:160]
+    return macs_by_node(view), None
 
 
-def calibration_tensors(model: onnx.ModelProto, options: QuantizeOptions) -> list[str]:
-    """The activations a table for this model must hold: those the plan quantizes,
-    plus the float inputs of every node a rule exists for (outside float patterns)."""
-    first = plan(model, options)
-    wanted = dict.fromkeys(first.activations_to_calibrate())
-    if options.mode == "dynamic":
-        return list(wanted)
-    view = GraphView(model)
-    patterns = float_patterns(view)
+def match_overrides(view: GraphView, options: QuantizeOptions) -> dict[str, Precision]:
+    """Node name -> precision from ``--precision`` and ``--exclude``; a name beats
+    an op type; a key that matches nothing is an error listing the closest matches."""
+    names = {view.node_name(n): n.op_type for n in view.nodes}
+    op_types = set(names.values())
+    by_type: dict[str, Precision] = {}
+    by_name: dict[str, Precision] = {}
+    for key, precision in options.overrides():
+        if key in names:
+            by_name[key] = precision
+        elif key in op_types:
+            by_type[key] = precision
+        else:
+            close = difflib.get_close_matches(key, list(names) + sorted(op_types), n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise ConfigError(f"--precision/--exclude {key!r} matches no node name or op type in the model{hint}")
+    out = {name: by_type[op] for name, op in names.items() if op in by_type}
+    out.update(by_name)
+    return out
+
+
+def plan(facts: Facts, notes: tuple[str, ...] = ()) -> Plan:
+    """Decide, node by node, what is quantized and why (no scales yet: see resolve)."""
+    kept = dict(facts.kept_float)
+    for _ in range(len(facts.view.nodes) + 1):
+        assembly = _Assembly(replace(facts, kept_float=kept))
+        assembly.run()
+        forced = {k: v for k, v in assembly.producers_to_keep_float().items() if k not in kept}
+        if not forced:
+            break
+        kept.update(forced)
+    options = facts.options
+    target_note = (f"{facts.target.ep}: x86-64 CPU without VNNI: weights of integer matrix products on a 7-bit "
+                   "grid, as onnxruntime's reduce_range (8-bit weights saturate its AVX2 u8 x s8 kernels)"
+                   if assembly.reduced else None)
+    return Plan(assembly.tensors, tuple(assembly.node_plans()), tuple(notes) + ((target_note,) if target_note else ()),
+                options.mode, options.format, facts.target)
+
+
+def calibration_tensors(facts: Facts) -> list[str]:
+    """The activations a table for this model must hold: the float inputs and
+    outputs of every node a rule exists for (outside float patterns), so that any
+    later ``--precision``/``--exclude`` works from the same table."""
+    if facts.options.mode == "dynamic":
+        return []
+    view = facts.view
+    wanted = {}
     for node in view.nodes:
-        if node.op_type not in RULES or view.node_name(node) in patterns:
+        if node.op_type not in RULES or view.node_name(node) in facts.patterns:
             continue
-        for t in node.input:
+        for t in list(node.input) + list(node.output):
             if t and not view.is_initializer(t) and view.is_float(t):
                 wanted.setdefault(t)
     return list(wanted)
 
 
-def _node_plan(node, decision: NodeRule, ctx: Context) -> NodePlan:
-    name = ctx.view.node_name(node)
-    kernel = dynamic_rules.KERNEL if any(isinstance(s, dynamic_rules.Dynamic) for s in decision.inputs.values()) else ""
-    fused_into = ctx.fused.get(name, "")
-    return NodePlan(name, node.op_type, True, decision.reason, kernel, fused_into)
+@dataclass
+class _Assembly:
+    """One topological pass: rule decisions assembled into tensor and node records."""
 
+    facts: Facts
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    decided: list = field(default_factory=list)          # (node, decision, precision)
+    quantized: dict[str, str] = field(default_factory=dict)
+    optional: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, str] = field(default_factory=dict)  # absorbed node -> absorbing node
+    reduced: bool = False
 
-def _decide(node: onnx.NodeProto, ctx: Context):
-    name = ctx.view.node_name(node)
-    if name in ctx.options.exclude or node.op_type in ctx.options.exclude:
-        return Skip("excluded by the user")
-    if node.domain not in ("", "ai.onnx"):
-        return Skip(f"op from domain {node.domain!r} is not quantized")
-    if name in ctx.patterns:
-        return Skip(f"part of a {ctx.patterns[name]} pattern: stays float (quantizing its small ops loses accuracy)")
-    dynamic = ctx.options.mode == "dynamic"
-    rule = (dynamic_rules.RULES if dynamic else RULES).get(node.op_type)
-    if rule is None:
-        if dynamic:
-            return Skip("dynamic mode quantizes MatMul/Gemm weights and embedding tables only")
-        return Skip(f"no int8 kernel for {node.op_type} on the CPU EP; stays float")
-    decision = rule(node, ctx)
-    if isinstance(decision, NodeRule):
+    def run(self) -> None:
+        view = self.facts.view
+        self.ctx = Context(self.facts, self.quantized, self.optional, self.fused)
+        self.raw = {name for name, p in self.facts.overrides.items() if p is Precision.FP32}
+        for node in view.nodes:
+            decision = self._decide(node)
+            if isinstance(decision, Skip):
+                self.decided.append((node, decision, Precision.FLOAT))
+                continue
+            precision = self._precision(node)
+            if decision.fuses:
+                self.fused[decision.fuses] = view.node_name(node)
+            self._record_inputs(node, decision, precision)
+            self._record_output(node, decision, precision)
+            self.decided.append((node, decision, precision))
+        for out, producer in self.optional.items():
+            self.tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP,
+                                           f"output of {producer}: float (no quantized consumer; int8 kernel with "
+                                           "float output)")
+
+    # -- decisions ---------------------------------------------------------------
+    def _decide(self, node: onnx.NodeProto):
+        ctx, facts = self.ctx, self.facts
+        name = ctx.node_key(node)
+        if name in facts.kept_float:
+            return Skip(facts.kept_float[name])
+        if node.domain not in ("", "ai.onnx"):
+            return Skip(f"op from domain {node.domain!r} is not quantized")
+        if name in ctx.patterns:
+            return Skip(f"part of a {ctx.patterns[name]} pattern: stays float (quantizing its small ops loses accuracy)")
+        dynamic = ctx.options.mode == "dynamic"
+        rule = (dynamic_rules.RULES if dynamic else RULES).get(node.op_type)
+        if rule is None:
+            if dynamic:
+                return Skip("dynamic mode quantizes MatMul/Gemm weights and embedding tables only")
+            return Skip(f"no int8 kernel for {node.op_type} on {facts.target.ep}; stays float")
+        decision = rule(node, ctx)
+        if isinstance(decision, NodeRule):
+            for index, spec in decision.inputs.items():
+                tensor = node.input[index]
+                if isinstance(spec, Act) and not ctx.view.is_float(tensor) and not ctx.is_int8_capable(tensor):
+                    return Skip(f"input {tensor} is not float32 (or its type is unknown)")
+        return decision
+
+    def _precision(self, node: onnx.NodeProto) -> Precision:
+        """The activation precision of a quantized node: the user's override, its
+        absorbing node's (a fused Relu), or the options' activation type."""
+        name = self.ctx.node_key(node)
+        if name in self.facts.overrides:
+            return self.facts.overrides[name]
+        if name in self.fused:
+            return next(p for n, _, p in self.decided if self.ctx.node_key(n) == self.fused[name])
+        return Precision.parse(self.facts.options.activation_type)
+
+    # -- tensors -----------------------------------------------------------------
+    def _record_inputs(self, node, decision: NodeRule, precision: Precision) -> None:
+        name = self.ctx.node_key(node)
+        options = self.facts.options
         for index, spec in decision.inputs.items():
             tensor = node.input[index]
-            if isinstance(spec, Act) and not ctx.view.is_float(tensor) and not ctx.is_int8_capable(tensor):
-                return Skip(f"input {tensor} is not float32 (or its type is unknown)")
-    return decision
+            if isinstance(spec, Act):
+                self._quantize_activation(tensor, f"input of {name}", precision)
+            elif isinstance(spec, dynamic_rules.Dynamic):
+                self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.DYNAMIC,
+                                                  f"input of {name}: uint8 per batch", Precision.UINT8)
+            elif isinstance(spec, Weight):
+                self.tensors[tensor] = self._weight(tensor, name, spec, precision, options)
+            elif isinstance(spec, Bias):
+                w_spec = decision.inputs[spec.weight_index]
+                self.tensors[tensor] = TensorPlan(
+                    tensor, Role.BIAS, Action.DERIVE, f"bias of {name}: s_x * s_w, zero point 0", Precision.INT32,
+                    PerAxis(0) if w_spec.axis is not None else PerTensor(), True,
+                    source=node.input[spec.input_index], weight=node.input[spec.weight_index])
 
+    def _weight(self, tensor: str, node: str, spec: Weight, act: Precision, options) -> TensorPlan:
+        granularity = PerTensor() if spec.axis is None else PerAxis(spec.axis)
+        reduce = spec.matmul and act.bits == 8 and cpu_needs_reduced_range()
+        self.reduced |= reduce
+        what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
+        return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE,
+                          f"weight of {node}, {what}" + (", 7-bit grid (CPU without VNNI)" if reduce else ""),
+                          spec.precision or Precision.parse(options.weight_type), granularity, spec.symmetric,
+                          transpose=spec.transpose, reduce_range=reduce)
 
-def _record_inputs(node, decision: NodeRule, ctx: Context, tensors: dict) -> None:
-    name = ctx.view.node_name(node)
-    for index, spec in decision.inputs.items():
-        tensor = node.input[index]
-        if isinstance(spec, Act):
-            _quantize_activation(tensor, f"input of {name}", ctx, tensors)
-        elif isinstance(spec, dynamic_rules.Dynamic):
-            tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.DYNAMIC, f"input of {name}: uint8 per batch",
-                                         "uint8")
-        elif isinstance(spec, Weight):
-            granularity = "per-tensor" if spec.axis is None else f"per-axis {spec.axis}"
-            tensors[tensor] = TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {name}, {granularity}",
-                                         spec.qtype or ctx.options.weight_type, spec.symmetric, spec.axis)
-        elif isinstance(spec, Bias):
-            w_spec = decision.inputs[spec.weight_index]
-            tensors[tensor] = TensorPlan(tensor, Role.BIAS, Action.DERIVE, f"bias of {name}: s_x * s_w, zero point 0",
-                                         "int32", True, 0 if w_spec.axis is not None else None,
-                                         source=node.input[spec.input_index], weight=node.input[spec.weight_index])
+    def _quantize_activation(self, tensor: str, why: str, precision: Precision) -> None:
+        """Mark an activation quantized; an optional output (MatMul/Gemm) is promoted;
+        a tensor two nodes want at different widths gets the wider one."""
+        if tensor in self.optional:
+            producer = self.optional.pop(tensor)
+            why = f"output of {producer} (quantized because a quantized consumer reads it)"
+        elif tensor in self.tensors and self.tensors[tensor].action is not Action.SKIP:
+            t = self.tensors[tensor]
+            if t.action is Action.QUANTIZE and precision.bits > t.precision.bits:
+                self.tensors[tensor] = replace(t, precision=precision, reason=f"{t.reason}; {precision.label} "
+                                               f"because {why.split(' of ')[-1]} asks for it")
+            return
+        self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.QUANTIZE, why, precision,
+                                          symmetric=self.facts.options.activation_symmetric)
+        self.quantized[tensor] = why
 
+    def _record_output(self, node, decision: NodeRule, precision: Precision) -> None:
+        out = node.output[0]
+        name = self.ctx.node_key(node)
+        if isinstance(decision.output, Act):
+            self._quantize_activation(out, f"output of {name}", precision)
+        elif isinstance(decision.output, Optional):
+            self.optional[out] = name
+        elif isinstance(decision.output, Share):
+            src = node.input[decision.output.input_index]
+            if src in self.optional:
+                self._quantize_activation(src, "", precision)
+            root = self.tensors[src]
+            self.tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SHARE, decision.output_reason,
+                                           root.precision, symmetric=root.symmetric, source=src)
+            self.quantized[out] = name
+        elif out and self.ctx.view.is_float(out):
+            self.tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP, f"output of {name}: {decision.output_reason}")
 
-def _quantize_activation(tensor: str, why: str, ctx: Context, tensors: dict) -> None:
-    """Mark an activation int8; an optional output (MatMul/Gemm) is promoted."""
-    if tensor in ctx.optional:
-        producer = ctx.optional.pop(tensor)
-        why = f"output of {producer} (int8 because a quantized consumer reads it)"
-    elif tensor in tensors and tensors[tensor].action is not Action.SKIP:
-        return
-    tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.QUANTIZE, why, ctx.options.activation_type,
-                                 ctx.options.activation_symmetric)
-    ctx.quantized[tensor] = why
+    # -- float readers -------------------------------------------------------------
+    def _carries_q(self, tensor: str) -> bool:
+        t = self.tensors.get(tensor)
+        return t is not None and t.role is Role.ACTIVATION and t.action in (Action.QUANTIZE, Action.SHARE)
 
+    def raw_reads(self, node, decision) -> tuple[str, ...]:
+        """Quantized tensors that float ``node`` must read unquantized."""
+        if not isinstance(decision, Skip):
+            return ()
+        view = self.facts.view
+        if self.ctx.node_key(node) not in self.raw and not self._wbq_would_fire(node):
+            return ()
+        return tuple(dict.fromkeys(t for t in node.input if t and not view.is_initializer(t) and self._carries_q(t)))
 
-def _record_output(node, decision: NodeRule, ctx: Context, tensors: dict) -> None:
-    out = node.output[0]
-    name = ctx.view.node_name(node)
-    if isinstance(decision.output, Act):
-        _quantize_activation(out, f"output of {name}", ctx, tensors)
-    elif isinstance(decision.output, Optional):
-        ctx.optional[out] = name
-    elif isinstance(decision.output, Share):
-        src = node.input[decision.output.input_index]
-        if src in ctx.optional:
-            _quantize_activation(src, "", ctx, tensors)
-        root = tensors[src]
-        tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SHARE, decision.output_reason,
-                                  root.qtype if root.role is Role.ACTIVATION else ctx.options.activation_type,
-                                  root.symmetric, source=src)
-        ctx.quantized[out] = name
-    elif out and ctx.view.is_float(out):
-        tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP, f"output of {name}: {decision.output_reason}")
+    def _wbq_would_fire(self, node) -> bool:
+        """onnxruntime's WeightBiasQuantization (core/optimizer/qdq_transformer/
+        weight_bias_quantization.cc) quantizes a float Conv/ConvTranspose/Gemm's
+        weight per tensor when its input comes from a DequantizeLinear and its
+        output reaches a QuantizeLinear through single-consumer Relu/Clip only."""
+        view = self.facts.view
+        if node.op_type not in WBQ_OPS or len(node.input) < 2 or not view.is_initializer(node.input[1]):
+            return False
+        if not view.is_float(node.input[1]) or not self._carries_q(node.input[0]):
+            return False
+        current = node
+        while len([o for o in current.output if o]) == 1:
+            out = current.output[0]
+            if self._carries_q(out):  # a branch to a float reader stops the transformer
+                return not any(self.ctx.node_key(c) in self.raw for c in view.consumers.get(out, []))
+            nxt = view.sole_consumer(out)
+            if nxt is None or nxt.op_type not in ("Relu", "Clip"):
+                return False
+            current = nxt
+        return False
 
+    def producers_to_keep_float(self) -> dict[str, str]:
+        """Quantized nodes whose int8 output a float node reads unquantized: with a
+        float reader beside its QuantizeLinear onnxruntime cannot fuse them."""
+        view = self.facts.view
+        decisions = {self.ctx.node_key(n): d for n, d, _ in self.decided}
+        forced = {}
+        for node, decision, _ in self.decided:
+            for t in self.raw_reads(node, decision):
+                producer = view.producer.get(t)
+                if producer is None or not isinstance(decisions.get(self.ctx.node_key(producer)), NodeRule):
+                    continue
+                pname = self.ctx.node_key(producer)
+                owner = self.fused.get(pname, pname)  # a fused Relu's output is its Conv's int8 output
+                forced[owner] = (f"kept float: its output {t} is read unquantized by {self.ctx.node_key(node)}, "
+                                 "and a float reader beside the QuantizeLinear stops onnxruntime fusing it into an "
+                                 "integer kernel")
+        return forced
 
-def apply_table(plan_: Plan, ranges: dict[str, tuple[float, float]], model: onnx.ModelProto | None = None) -> Plan:
-    """Fill activation scale/zero point from calibrated ranges (SHARE copies its source).
-
-    ``ranges`` maps tensor name -> (lo, hi); a tensor missing from it is a
-    TableError. A SHARE of a weight (Gather rows) takes the weight's own
-    per-tensor parameters, computed from ``model``'s initializer.
-    """
-    tensors = dict(plan_.tensors)
-    for name, t in plan_.tensors.items():
-        if t.role is not Role.ACTIVATION or t.action is not Action.QUANTIZE:
-            continue
-        if name not in ranges:
-            raise TableError(f"calibration table has no statistics for tensor {name!r}; "
-                             "it was made for another model or other options: calibrate again")
-        lo, hi = ranges[name]
-        scale, zp = choose_qparams(lo, hi, QType.parse(t.qtype), t.symmetric)
-        tensors[name] = replace(t, scale=float(scale), zero_point=int(zp), range=(float(lo), float(hi)))
-    view = GraphView(model) if model is not None else None
-    for name, t in plan_.tensors.items():
-        if t.role is Role.ACTIVATION and t.action is Action.SHARE:
-            root = _share_root(tensors, name)
-            if root.role is Role.WEIGHT:
-                tensors[name] = _weight_share(t, root, view)
-            else:
-                tensors[name] = replace(t, scale=root.scale, zero_point=root.zero_point, range=root.range)
-    return plan_.with_tensors(tensors)
-
-
-def _weight_share(t: TensorPlan, weight: TensorPlan, view: GraphView | None) -> TensorPlan:
-    if view is None:
-        raise ValueError("apply_table needs the model to share a weight's parameters")
-    scale, zp = weight_qparams(view.array(weight.name), QType.parse(weight.qtype), PerTensor(), weight.symmetric)
-    rng = (float(scale) * (QType.parse(weight.qtype).qmin - int(zp)), float(scale) * (QType.parse(weight.qtype).qmax - int(zp)))
-    return replace(t, qtype=weight.qtype, symmetric=weight.symmetric, scale=float(scale), zero_point=int(zp), range=rng)
-
-
-def _share_root(tensors: dict, name: str) -> TensorPlan:
-    t = tensors[name]
-    seen = set()
-    while t.action is Action.SHARE and t.source not in seen:
-        seen.add(t.source)
-        t = tensors[t.source]
-    return t
+    def node_plans(self) -> list[NodePlan]:
+        out = []
+        for node, decision, precision in self.decided:
+            name = self.ctx.node_key(node)
+            if isinstance(decision, Skip):
+                out.append(NodePlan(name, node.op_type, Precision.FLOAT, decision.reason,
+                                    float_inputs=self.raw_reads(node, decision)))
+                continue
+            reads = [node.input[i] for i in decision.inputs if node.input[i]]
+            if isinstance(decision.output, Share):
+                reads.append(node.input[decision.output.input_index])
+            reads = [t for t in reads if t in self.tensors and self.tensors[t].quantized
+                     and self.tensors[t].role is not Role.BIAS]
+            out.append(NodePlan(name, node.op_type, precision, decision.reason, decision.kernel,
+                                self.fused.get(name, ""), tuple(dict.fromkeys(reads)), (), decision.bias))
+        return out

@@ -1,16 +1,24 @@
-"""The plan: for every tensor, quantize / share / derive / skip, and why.
+"""The plan: for every tensor and node, what is quantized, how, and why.
 
-The planner reads a model (and, once calibrated, a table) and returns a Plan; it
-never mutates the model. The rewriter applies a Plan and decides nothing.
+The planner decides (``action``, ``precision``, ``granularity`` and a reason
+for every tensor; a decision and a reason for every node); :mod:`qtool.resolve`
+fills in every scale and zero point (weights and biases too) and every node's
+kernel; the rewriters write exactly that. A resolved plan is the whole contract:
+saved as JSON and applied again (``qtool quantize MODEL --plan P.json``) it gives
+the same model byte for byte. Scales are float32 values, stored as JSON numbers
+that round-trip exactly.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
-PLAN_FORMAT_VERSION = 1
+from .types import Granularity, PerTensor, Precision, Target, axis_of, granularity_from_json, granularity_to_json
+
+PLAN_FORMAT = "qtool.plan"
+PLAN_FORMAT_VERSION = 2
 
 
 class Action(str, Enum):
@@ -27,51 +35,150 @@ class Role(str, Enum):
     BIAS = "bias"
 
 
+Scale = float | tuple[float, ...]
+ZeroPoint = int | tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class TensorPlan:
-    """One tensor's decision. ``axis`` is set for per-axis weights and biases;
+    """One tensor's decision.
+
     ``source`` names the tensor a SHARE copies, or the activation a bias derives
-    from (with ``weight``); ``scale``/``zero_point`` are filled for activations
-    once a calibration table is applied."""
+    from (with ``weight``). ``scale``/``zero_point`` (a number per tensor, a
+    tuple per axis) are filled by resolve. ``transpose``: a weight stored
+    transposed (a Gemm with transB in dynamic mode). ``reduce_range``: a weight
+    on a 7-bit grid (x86-64 without VNNI, see :func:`qtool.types.cpu_needs_reduced_range`). ``qdq_domain``: the domain
+    of its QuantizeLinear/DequantizeLinear ("com.microsoft" for 16-bit types
+    below opset 21).
+    """
 
     name: str
     role: Role
     action: Action
     reason: str
-    qtype: str = "int8"
+    precision: Precision = Precision.FLOAT
+    granularity: Granularity = PerTensor()
     symmetric: bool = False
-    axis: int | None = None
     source: str | None = None
     weight: str | None = None
-    scale: float | None = None
-    zero_point: int | None = None
+    scale: Scale | None = None
+    zero_point: ZeroPoint | None = None
     range: tuple[float, float] | None = None
+    transpose: bool = False
+    reduce_range: bool = False
+    qdq_domain: str = ""
 
     @property
     def quantized(self) -> bool:
         return self.action is not Action.SKIP
 
+    @property
+    def axis(self) -> int | None:
+        return axis_of(self.granularity)
+
+    @property
+    def has_params(self) -> bool:
+        return self.scale is not None and self.zero_point is not None
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "role": self.role.value, "action": self.action.value, "reason": self.reason,
+             "precision": self.precision.label, "granularity": granularity_to_json(self.granularity),
+             "symmetric": self.symmetric, "source": self.source, "weight": self.weight,
+             "scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
+             "zero_point": list(self.zero_point) if isinstance(self.zero_point, tuple) else self.zero_point,
+             "range": list(self.range) if self.range is not None else None}
+        if self.transpose:
+            d["transpose"] = True
+        if self.reduce_range:
+            d["reduce_range"] = True
+        if self.qdq_domain:
+            d["qdq_domain"] = self.qdq_domain
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorPlan":
+        scale, zp, rng = d.get("scale"), d.get("zero_point"), d.get("range")
+        return cls(
+            name=_str(d, "name"), role=Role(d["role"]), action=Action(d["action"]), reason=str(d.get("reason", "")),
+            precision=Precision.parse(d.get("precision", "float")),
+            granularity=granularity_from_json(d.get("granularity", {"kind": "per-tensor"})),
+            symmetric=bool(d.get("symmetric", False)), source=d.get("source"), weight=d.get("weight"),
+            scale=tuple(_num(v, float) for v in scale) if isinstance(scale, list) else _opt_num(scale, float),
+            zero_point=tuple(_num(v, int) for v in zp) if isinstance(zp, list) else _opt_num(zp, int),
+            range=None if rng is None else (float(rng[0]), float(rng[1])),
+            transpose=bool(d.get("transpose", False)), reduce_range=bool(d.get("reduce_range", False)),
+            qdq_domain=str(d.get("qdq_domain", "")))
+
 
 @dataclass(frozen=True)
 class NodePlan:
-    """One node's decision. ``kernel`` names the op a rewriter emits when it is
-    not implied by the format (e.g. DynamicQuantizeMatMul); ``fused_into`` names
-    the node that absorbs this one (a bias Add folded into its MatMul)."""
+    """One node's decision.
+
+    ``precision``: the activation precision of a quantized node, FLOAT when it
+    stays float. ``kernel``: the op the rewriter emits for it (filled by
+    resolve). ``fused_into``: the node that absorbs this one (a Relu into its
+    Conv, a bias Add into its MatMul). ``inputs``: the tensors a quantized node
+    reads quantized. ``float_inputs``: quantized tensors a float node reads
+    unquantized (a node kept float on request, or one onnxruntime would
+    otherwise quantize behind the plan's back). ``bias``: the float bias a
+    dynamic kernel folds in.
+    """
 
     name: str
     op_type: str
-    quantized: bool
+    precision: Precision
     reason: str
     kernel: str = ""
     fused_into: str = ""
+    inputs: tuple[str, ...] = ()
+    float_inputs: tuple[str, ...] = ()
+    bias: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision is not Precision.FLOAT
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "op_type": self.op_type, "precision": self.precision.label, "reason": self.reason,
+             "kernel": self.kernel, "fused_into": self.fused_into, "inputs": list(self.inputs)}
+        if self.float_inputs:
+            d["float_inputs"] = list(self.float_inputs)
+        if self.bias:
+            d["bias"] = self.bias
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NodePlan":
+        return cls(_str(d, "name"), _str(d, "op_type"), Precision.parse(d.get("precision", "float")),
+                   str(d.get("reason", "")), str(d.get("kernel", "")), str(d.get("fused_into", "")),
+                   tuple(d.get("inputs", ())), tuple(d.get("float_inputs", ())), str(d.get("bias", "")))
 
 
 @dataclass(frozen=True)
 class Plan:
+    """Every tensor's and node's decision, and what the rewriter needs to apply them.
+
+    ``mode``/``format`` choose the rewriter; ``model_sha256`` and ``preprocess``
+    tie the plan to one model file prepared one way.
+    """
+
     tensors: dict[str, TensorPlan]
     nodes: tuple[NodePlan, ...]
     notes: tuple[str, ...] = ()
+    mode: str = "static"
+    format: str = "qdq"
+    target: Target = Target.CPU
+    model_sha256: str = ""
+    preprocess: bool = True
+    resolved: bool = False
     format_version: int = PLAN_FORMAT_VERSION
+    node_index: dict = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "node_index", {n.name: n for n in self.nodes})
+
+    def node(self, name: str) -> NodePlan | None:
+        return self.node_index.get(name)
 
     def activations_to_calibrate(self) -> list[str]:
         return [t.name for t in self.tensors.values()
@@ -85,21 +192,42 @@ class Plan:
 
     def to_dict(self) -> dict:
         return {
-            "format": "qtool.plan", "format_version": self.format_version, "notes": list(self.notes),
-            "nodes": [asdict(n) for n in self.nodes],
-            "tensors": [_tensor_dict(t) for t in self.tensors.values()],
+            "format": PLAN_FORMAT, "format_version": self.format_version, "model_sha256": self.model_sha256,
+            "preprocess": self.preprocess, "mode": self.mode, "quant_format": self.format,
+            "target": self.target.label, "resolved": self.resolved, "notes": list(self.notes),
+            "nodes": [n.to_dict() for n in self.nodes],
+            "tensors": [t.to_dict() for t in self.tensors.values()],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
+        """Parse a plan; structural problems raise ValueError naming the field."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise ValueError(f"not a qtool plan (expected \"format\": \"{PLAN_FORMAT}\")")
+        version = data.get("format_version")
+        if version != PLAN_FORMAT_VERSION:
+            raise ValueError(f"plan format_version {version!r} is not supported (this qtool reads "
+                             f"{PLAN_FORMAT_VERSION}); save the plan again with this qtool")
         tensors = {}
-        for t in data["tensors"]:
-            t = dict(t, role=Role(t["role"]), action=Action(t["action"]))
-            if t.get("range") is not None:
-                t["range"] = tuple(t["range"])
-            tensors[t["name"]] = TensorPlan(**t)
-        nodes = tuple(NodePlan(**n) for n in data["nodes"])
-        return cls(tensors, nodes, tuple(data.get("notes", ())), data["format_version"])
+        for i, t in enumerate(_list(data, "tensors")):
+            try:
+                parsed = TensorPlan.from_dict(t)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise ValueError(f"tensors[{i}] ({t.get('name', '?') if isinstance(t, dict) else t!r}): "
+                                 f"{_why(exc)}") from None
+            if parsed.name in tensors:
+                raise ValueError(f"tensor {parsed.name!r} is listed twice")
+            tensors[parsed.name] = parsed
+        nodes = []
+        for i, n in enumerate(_list(data, "nodes")):
+            try:
+                nodes.append(NodePlan.from_dict(n))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"nodes[{i}]: {_why(exc)}") from None
+        return cls(tensors, tuple(nodes), tuple(data.get("notes", ())), str(data.get("mode", "static")),
+                   str(data.get("quant_format", "qdq")), Target.parse(data.get("target", "cpu")),
+                   str(data.get("model_sha256", "")), bool(data.get("preprocess", True)),
+                   bool(data.get("resolved", False)), version)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -109,23 +237,45 @@ class Plan:
         width = max([len(n.name) for n in self.nodes] + [4])
         lines = [f"{'node':<{width}}  {'op':<14} decision  reason"]
         for n in self.nodes:
-            lines.append(f"{n.name:<{width}}  {n.op_type:<14} {'int8' if n.quantized else 'float':<9} {n.reason}"
-                         + (f" -> {n.kernel}" if n.kernel else ""))
+            kernel = f" -> {n.kernel}" if n.kernel and n.kernel != n.op_type else ""
+            lines.append(f"{n.name:<{width}}  {n.op_type:<14} {n.precision.label:<9} {n.reason}{kernel}")
         acts = [t for t in self.tensors.values() if t.role is Role.ACTIVATION]
         if acts:
             lines.append("")
             lines.append("activations:")
             for t in acts:
-                params = "" if t.scale is None else f" scale={t.scale:.6g} zp={t.zero_point}"
+                params = "" if t.scale is None else f" {t.precision.label} scale={t.scale:.6g} zp={t.zero_point}"
                 lines.append(f"  {t.name}: {t.action.value}{params} ({t.reason})")
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
 
 
-def _tensor_dict(t: TensorPlan) -> dict:
-    d = asdict(t)
-    d["role"], d["action"] = t.role.value, t.action.value
-    if t.range is not None:
-        d["range"] = list(t.range)
-    return d
+def _why(exc: Exception) -> str:
+    return f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+
+
+def _str(d: dict, key: str) -> str:
+    value = d[key]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _list(d: dict, key: str) -> list:
+    value = d.get(key)
+    if not isinstance(value, list):
+        raise ValueError(f"\"{key}\" must be a list")
+    return value
+
+
+def _num(v, kind):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"expected a number, got {v!r}")
+    if kind is int and float(v) != int(v):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return kind(v)
+
+
+def _opt_num(v, kind):
+    return None if v is None else _num(v, kind)

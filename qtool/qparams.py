@@ -11,49 +11,15 @@ QuantizeLinear specifies, so these functions agree bit for bit with onnxruntime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-
 import numpy as np
 
+from .types import PerAxis, PerBlock, PerTensor, Precision
 
-class QType(Enum):
-    """An integer type that tensors are quantized to."""
-
-    INT8 = ("int8", np.int8, -128, 127, 3)
-    UINT8 = ("uint8", np.uint8, 0, 255, 2)
-    INT16 = ("int16", np.int16, -32768, 32767, 5)
-    UINT16 = ("uint16", np.uint16, 0, 65535, 4)
-    INT32 = ("int32", np.int32, -(2**31), 2**31 - 1, 6)
-
-    def __init__(self, label, dtype, qmin, qmax, onnx_type):
-        self.label = label
-        self.dtype = np.dtype(dtype)
-        self.qmin = qmin
-        self.qmax = qmax
-        self.onnx_type = onnx_type  # onnx.TensorProto enum value
-
-    @classmethod
-    def parse(cls, name: str) -> "QType":
-        for member in cls:
-            if member.label == name:
-                return member
-        raise ValueError(f"unknown quantized type {name!r}")
+__all__ = ["PerAxis", "PerBlock", "PerTensor", "Precision", "choose_qparams", "dequantize", "quantize",
+           "bias_scale", "quantize_bias", "quantize_int32", "reduced_bounds", "symmetric_bounds", "weight_qparams"]
 
 
-@dataclass(frozen=True)
-class PerTensor:
-    """One scale for the whole tensor."""
-
-
-@dataclass(frozen=True)
-class PerAxis:
-    """One scale per slice along ``axis`` (e.g. per output channel)."""
-
-    axis: int
-
-
-def symmetric_bounds(qtype: QType) -> tuple[int, int]:
+def symmetric_bounds(qtype: Precision) -> tuple[int, int]:
     """Integer range used for symmetric quantization: int8 -> (-127, 127).
 
     Dropping -128 keeps the range symmetric so that -max and +max both exist.
@@ -61,6 +27,18 @@ def symmetric_bounds(qtype: QType) -> tuple[int, int]:
     if qtype.qmin < 0:
         return -qtype.qmax, qtype.qmax
     return qtype.qmin, qtype.qmax
+
+
+def reduced_bounds(qtype: Precision) -> tuple[int, int]:
+    """One bit less (onnxruntime's ``reduce_range``): int8 -> (-64, 64), uint8 -> (0, 127).
+
+    On x86-64 without VNNI, onnxruntime's u8 x s8 kernels add two products into
+    int16 and saturate: 2 * 255 * 127 > 32767, while 2 * 255 * 64 = 32640 fits.
+    """
+    if qtype.qmin < 0:
+        half = (qtype.qmax + 1) // 2
+        return -half, half
+    return qtype.qmin, qtype.qmax // 2
 
 
 def _usable_scale(scale) -> np.ndarray:
@@ -72,25 +50,27 @@ def _usable_scale(scale) -> np.ndarray:
     return np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
 
 
-def choose_qparams(rmin, rmax, qtype: QType, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def choose_qparams(rmin, rmax, qtype: Precision, symmetric: bool,
+                   bounds: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scale (float32) and zero point (``qtype``) that cover [rmin, rmax].
 
     ``rmin``/``rmax`` are scalars or arrays (one entry per channel). The range is
     widened to include 0.0 so that zero is exactly representable. A zero-width
     range, or one so narrow that its scale underflows float32's normal range,
     gets scale 1.0. Symmetric: scale = max|r| / qmax_sym, zero point 0
-    (uint8 symmetric uses the mid point 128).
+    (uint8 symmetric uses the mid point 128). ``bounds`` narrows the integer
+    grid (see :func:`reduced_bounds`); the stored type stays ``qtype``.
     """
     rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
     rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
     if symmetric:
-        qmin, qmax = symmetric_bounds(qtype)
+        qmin, qmax = bounds or symmetric_bounds(qtype)
         absmax = np.maximum(np.abs(rmin), np.abs(rmax))
         scale = _usable_scale(absmax * 2.0 / (qmax - qmin))
         zero = 0 if qtype.qmin < 0 else (qtype.qmin + qtype.qmax + 1) // 2
         zp = np.full(np.shape(scale), zero, dtype=qtype.dtype)
         return scale, zp
-    qmin, qmax = qtype.qmin, qtype.qmax
+    qmin, qmax = bounds or (qtype.qmin, qtype.qmax)
     scale = _usable_scale((rmax - rmin) / (qmax - qmin))
     zp = np.round(qmin - rmin / scale.astype(np.float64))
     zp = np.clip(zp, qmin, qmax).astype(qtype.dtype)
@@ -106,7 +86,7 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     return param.reshape(shape)
 
 
-def quantize(x, scale, zero_point, qtype: QType, axis: int | None = None) -> np.ndarray:
+def quantize(x, scale, zero_point, qtype: Precision, axis: int | None = None) -> np.ndarray:
     """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
     x = np.asarray(x, dtype=np.float32)
     s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
@@ -124,7 +104,8 @@ def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
     return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
 
 
-def weight_qparams(w: np.ndarray, qtype: QType, granularity, symmetric: bool = True):
+def weight_qparams(w: np.ndarray, qtype: Precision, granularity, symmetric: bool = True,
+                   bounds: tuple[int, int] | None = None):
     """Per-tensor or per-axis scale/zero point of a weight from its own min/max.
 
     A [2, 3] weight [[1, -2, 0.5], [0.1, 0.2, -0.4]] per axis 0, int8 symmetric:
@@ -136,7 +117,20 @@ def weight_qparams(w: np.ndarray, qtype: QType, granularity, symmetric: bool = T
         lo, hi = moved.min(axis=1, initial=0.0), moved.max(axis=1, initial=0.0)
     else:
         lo, hi = w.min(initial=0.0), w.max(initial=0.0)
-    return choose_qparams(lo, hi, qtype, symmetric)
+    return choose_qparams(lo, hi, qtype, symmetric, bounds)
+
+
+def bias_scale(input_scale, weight_scale, shape=()) -> np.ndarray:
+    """float32 s_x * s_w (per channel when s_w is), broadcast to the bias ``shape``."""
+    scale = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    return np.broadcast_to(scale, shape).astype(np.float32) if np.ndim(scale) else scale
+
+
+def quantize_int32(bias: np.ndarray, scale) -> np.ndarray:
+    """round(bias / scale) saturated to int32 (a bias's zero point is 0)."""
+    q = np.rint(np.asarray(bias, dtype=np.float64) / np.asarray(scale, dtype=np.float32))
+    return np.clip(q, Precision.INT32.qmin, Precision.INT32.qmax).astype(np.int32)
 
 
 def quantize_bias(bias: np.ndarray, input_scale, weight_scale) -> tuple[np.ndarray, np.ndarray]:
@@ -144,9 +138,5 @@ def quantize_bias(bias: np.ndarray, input_scale, weight_scale) -> tuple[np.ndarr
 
     bias 0.5 with s_x = 0.1, s_w = 0.02 -> scale 0.002, q = 250.
     """
-    scale = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    scale = np.broadcast_to(scale, np.shape(bias)).astype(np.float32) if np.ndim(scale) else scale
-    q = np.rint(np.asarray(bias, dtype=np.float64) / scale)
-    q = np.clip(q, QType.INT32.qmin, QType.INT32.qmax).astype(np.int32)
-    return q, scale
+    scale = bias_scale(input_scale, weight_scale, np.shape(bias))
+    return quantize_int32(bias, scale), scale

@@ -20,7 +20,7 @@ def test_signatures():
     assert params(qtool.calibrate) == ["model", "data", "options", "quantize_options", "on_batch", "threads"]
     assert params(qtool.plan) == ["model", "table", "options", "method"]
     assert params(qtool.quantize) == ["model", "output", "table", "data", "options", "calibrate_options",
-                                      "method", "on_batch"]
+                                      "method", "on_batch", "plan"]
     assert params(qtool.evaluate) == ["reference", "candidate", "data", "labels", "options", "limit"]
 
 

@@ -116,9 +116,9 @@ def test_nan_in_activation_names_tensor_and_batch(tmp_path):
     m = models.log_then_conv()
     path = models.save(m, tmp_path / "m.onnx")
     x = np.random.default_rng(0).uniform(0.5, 2, (8, 2, 4, 4)).astype(np.float32)
-    x[5, 0, 0, 0] = -1.0  # Log(-1) = NaN in batch 1 (batch size 4)
+    x[5, 0, 0, 0] = -1.0  # Log(-1) = NaN in batch 1 (batch size 4), first seen in l = Log(x)
     np.savez(tmp_path / "d.npz", x=x)
-    with pytest.raises(DataError, match=r"tensor 's' holds NaN or Inf in batch 1"):
+    with pytest.raises(DataError, match=r"tensor 'l' holds NaN or Inf in batch 1"):
         qtool.calibrate(path, tmp_path / "d.npz", CalibrateOptions(batch_size=4))
 
 

@@ -13,8 +13,8 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper
 
 from qtool.qparams import (
-    PerAxis, PerTensor, QType, choose_qparams, dequantize, quantize, quantize_bias,
-    symmetric_bounds, weight_qparams,
+    PerAxis, PerTensor, Precision, choose_qparams, dequantize, quantize, quantize_bias,
+    reduced_bounds, symmetric_bounds, weight_qparams,
 )
 
 FAST = settings(max_examples=100, deadline=None)
@@ -29,7 +29,7 @@ def f32(v: float) -> float:
 F32_MAX = float(np.finfo(np.float32).max)
 TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 
-QTYPES = [QType.INT8, QType.UINT8, QType.INT16, QType.UINT16]
+QTYPES = [Precision.INT8, Precision.UINT8, Precision.INT16, Precision.UINT16]
 qtypes = st.sampled_from(QTYPES)
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 # Ranges whose scale stays far enough from F32_MAX that q * scale cannot overflow.
@@ -50,7 +50,7 @@ def widened(rmin, rmax):
 
 @FAST
 @given(qtypes, st.booleans(), finite32, finite32, float_arrays())
-@example(QType.INT8, False, -1e-44, 1e-44, np.zeros(3, np.float32))  # scale underflowed to 0
+@example(Precision.INT8, False, -1e-44, 1e-44, np.zeros(3, np.float32))  # scale underflowed to 0
 def test_qparams_are_usable_and_q_saturates_monotonically(qtype, symmetric, a, b, x):
     rmin, rmax = sorted((a, b))
     scale, zp = choose_qparams(rmin, rmax, qtype, symmetric)
@@ -68,8 +68,8 @@ def test_qparams_are_usable_and_q_saturates_monotonically(qtype, symmetric, a, b
 
 @FAST
 @given(qtypes, st.booleans(), finite32, finite32)
-@example(QType.INT8, False, -1e-44, 1e-44)
-@example(QType.UINT8, True, 0.0, 1e-45)
+@example(Precision.INT8, False, -1e-44, 1e-44)
+@example(Precision.UINT8, True, 0.0, 1e-45)
 def test_zero_is_exactly_representable(qtype, symmetric, a, b):
     rmin, rmax = sorted((a, b))
     scale, zp = choose_qparams(rmin, rmax, qtype, symmetric)
@@ -82,7 +82,7 @@ def test_zero_is_exactly_representable(qtype, symmetric, a, b):
 @FAST
 @given(qtypes, st.booleans(), moderate32, moderate32,
        st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16))
-@example(QType.INT8, False, -1e-42, 1e-42, [1.0])  # would be a subnormal scale
+@example(Precision.INT8, False, -1e-42, 1e-42, [1.0])  # would be a subnormal scale
 def test_round_trip_error_is_at_most_half_a_step_inside_the_range(qtype, symmetric, a, b, ts):
     lo, hi = widened(*sorted((a, b)))
     scale, zp = choose_qparams(lo, hi, qtype, symmetric)
@@ -109,7 +109,7 @@ def test_symmetric_has_centred_zero_point(qtype, a, b):
 
 
 @FAST
-@given(st.sampled_from([QType.INT8, QType.INT16]), moderate32, moderate32,
+@given(st.sampled_from([Precision.INT8, Precision.INT16]), moderate32, moderate32,
        st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16))
 def test_symmetric_signed_stays_in_symmetric_bounds_inside_the_range(qtype, a, b, ts):
     lo, hi = widened(*sorted((a, b)))
@@ -151,8 +151,8 @@ def test_per_axis_equals_per_tensor_slice_by_slice(qtype, symmetric, case):
 # --- bit-for-bit agreement with onnxruntime ----------------------------------------------
 
 ORT_CASES = [(qt, opset, axis)
-             for qt, opsets in [(QType.INT8, (13, 19, 21)), (QType.UINT8, (13, 19, 21)),
-                                (QType.INT16, (21,)), (QType.UINT16, (21,))]
+             for qt, opsets in [(Precision.INT8, (13, 19, 21)), (Precision.UINT8, (13, 19, 21)),
+                                (Precision.INT16, (21,)), (Precision.UINT16, (21,))]
              for opset in opsets for axis in (None, 0, 1, -1)]
 
 
@@ -164,7 +164,7 @@ def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 @lru_cache(maxsize=None)
-def qdq_session(qtype: QType, opset: int, axis, rank: int):
+def qdq_session(qtype: Precision, opset: int, axis, rank: int):
     """x -> QuantizeLinear -> q -> DequantizeLinear -> r, and qin -> DequantizeLinear -> rin.
 
     Scale and zero point are graph inputs: scalars per tensor, [C] per axis.
@@ -295,16 +295,16 @@ def test_quantize_bias_saturates_instead_of_wrapping():
 
 
 def test_int8_asymmetric_minus1_to_3():
-    scale, zp = choose_qparams(-1.0, 3.0, QType.INT8, symmetric=False)
+    scale, zp = choose_qparams(-1.0, 3.0, Precision.INT8, symmetric=False)
     assert scale == np.float32(4 / 255) and int(zp) == -64
-    q = quantize(np.array([-1.0, 0.0, 3.0], np.float32), scale, zp, QType.INT8)
+    q = quantize(np.array([-1.0, 0.0, 3.0], np.float32), scale, zp, Precision.INT8)
     assert q.tolist() == [-128, -64, 127]
 
 
 def test_uint8_asymmetric_and_symmetric():
-    scale, zp = choose_qparams(-1.0, 3.0, QType.UINT8, symmetric=False)
+    scale, zp = choose_qparams(-1.0, 3.0, Precision.UINT8, symmetric=False)
     assert scale == np.float32(4 / 255) and int(zp) == 64
-    scale, zp = choose_qparams(-1.0, 3.0, QType.UINT8, symmetric=True)
+    scale, zp = choose_qparams(-1.0, 3.0, Precision.UINT8, symmetric=True)
     assert scale == np.float32(6 / 255) and int(zp) == 128
 
 
@@ -312,22 +312,22 @@ def test_uint8_asymmetric_and_symmetric():
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_degenerate_range_gets_scale_one(rmin, rmax, symmetric):
     # Before the fix, +-1e-44 gave a float32 scale of 0.0 and a garbage zero point.
-    scale, zp = choose_qparams(rmin, rmax, QType.INT8, symmetric)
+    scale, zp = choose_qparams(rmin, rmax, Precision.INT8, symmetric)
     assert scale == 1.0
-    assert quantize(np.float32(0.0), scale, zp, QType.INT8) == zp
+    assert quantize(np.float32(0.0), scale, zp, Precision.INT8) == zp
 
 
 def test_round_half_to_even():
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5], np.float32)
-    assert quantize(x, 1.0, 0, QType.INT8).tolist() == [0, 2, 2, 0, -2, -2]
+    assert quantize(x, 1.0, 0, Precision.INT8).tolist() == [0, 2, 2, 0, -2, -2]
 
 
 def test_weight_qparams_docstring_example():
     w = np.array([[1, -2, 0.5], [0.1, 0.2, -0.4]], np.float32)
-    scale, zp = weight_qparams(w, QType.INT8, PerAxis(0))
+    scale, zp = weight_qparams(w, Precision.INT8, PerAxis(0))
     assert np.array_equal(scale, np.array([2 / 127, 0.4 / 127], np.float32))
     assert zp.tolist() == [0, 0]
-    scale, zp = weight_qparams(w, QType.INT8, PerTensor())
+    scale, zp = weight_qparams(w, Precision.INT8, PerTensor())
     assert scale == np.float32(2 / 127) and int(zp) == 0
 
 
@@ -337,7 +337,19 @@ def test_quantize_bias_docstring_example():
     assert q.tolist() == [250]
 
 
-def test_qtype_parse():
-    assert QType.parse("int8") is QType.INT8 and QType.parse("uint16") is QType.UINT16
+def test_precision_parse():
+    assert Precision.parse("int8") is Precision.INT8 and Precision.parse("uint16") is Precision.UINT16
+    assert Precision.parse("int4").bits == 4 and not Precision.parse("fp16").is_integer
     with pytest.raises(ValueError):
-        QType.parse("int4")
+        Precision.parse("int3")
+
+
+def test_reduced_bounds_fit_avx2_pair_sums():
+    """7-bit weights: two u8 x s8 products summed stay inside int16 (vpmaddubsw)."""
+    lo, hi = reduced_bounds(Precision.INT8)
+    assert (lo, hi) == (-64, 64) and 2 * 255 * hi <= 32767
+    assert reduced_bounds(Precision.UINT8) == (0, 127)
+    w = np.array([[1.0, -0.5], [0.25, 2.0]], np.float32)
+    scale, zp = weight_qparams(w, Precision.INT8, PerAxis(0), True, (lo, hi))
+    q = quantize(w, scale, zp, Precision.INT8, axis=0)
+    assert np.abs(q).max() == 64 and scale.tolist() == [np.float32(1 / 64), np.float32(2 / 64)]

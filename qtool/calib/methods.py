@@ -39,15 +39,21 @@ def _range_of(h, method: str, params: dict) -> tuple[float, float]:
     kwargs = {"symmetric": bool(params.get("symmetric", False))}
     if method == "percentile":
         kwargs["percentile"] = float(params.get("percentile", 99.999))
+    if method == "mse" and "num_levels" in params:
+        kwargs["num_levels"] = int(params["num_levels"])
     lo, hi = compute_range(method, h, **kwargs)
     return float(lo), float(hi)
 
 
-def derive_range(stats: TensorStats, method: str, params: dict) -> tuple[float, float]:
-    """The range ``method`` gives for a tensor, from the table alone."""
-    if method == "minmax":
+def derive_range(stats: TensorStats, method: str, params: dict, bits: int = 8) -> tuple[float, float]:
+    """The range ``method`` gives for a tensor, from the table alone, for a
+    ``bits``-wide grid: mse searches that grid; entropy's 128-bin KL search models
+    an 8-bit grid only, so wider grids take min/max; percentile does not depend on it."""
+    if method == "minmax" or (method == "entropy" and bits > 8):
         return stats.min, stats.max
     if stats.histogram is None:
         raise TableError(f"table holds no histograms, so --method {method} cannot be derived from it; "
                          f"calibrate with --method {method} (or any histogram method)")
+    if method == "mse" and bits != 8:
+        params = dict(params, num_levels=2**bits)
     return histogram_range(stats.histogram, method, params)

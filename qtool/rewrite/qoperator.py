@@ -1,27 +1,24 @@
-"""QOperator rewriter: each quantized node becomes one integer op (QLinearConv,
-QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd, ...) on int8/uint8 tensors.
-
-Same plan as QDQ. An int8 tensor ``T`` is named ``T_quantized``; a QuantizeLinear
+"""QOperator rewriter: each quantized node becomes the integer op its resolved
+plan names (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd,
+...) on int8/uint8 tensors, with the plan's scales. An int8 tensor ``T`` is named ``T_quantized``; a QuantizeLinear
 makes it where a float op produced ``T``, a DequantizeLinear gives ``T`` back to
 float consumers and model outputs where a quantized op produced it.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from onnx import helper
 
 from ..graph import GraphView
 from ..plans import Action, Plan, Role
-from ..qparams import QType
+from ..resolve import stored_weight
 from .names import Names
-from .weights import initializer, quantize_bias_tensor, quantize_weight
+from .qdq import MS_DOMAIN as MS, drop_stale_inputs, ensure_ms_opset
+from .weights import initializer, params, quantize_bias, quantize_weight
 
-MS = "com.microsoft"
-UNARY = {"AveragePool": "QLinearAveragePool", "GlobalAveragePool": "QLinearGlobalAveragePool",
-         "Sigmoid": "QLinearSigmoid", "LeakyRelu": "QLinearLeakyRelu"}
-BINARY = {"Add": "QLinearAdd", "Mul": "QLinearMul"}
+UNARY = ("QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu")
+BINARY = ("QLinearAdd", "QLinearMul")
 
 
 class _Rewrite:
@@ -32,11 +29,10 @@ class _Rewrite:
         self.inits: list[onnx.TensorProto] = []
         self.nodes: list[onnx.NodeProto] = []
         self.qnames: dict[str, tuple[str, str, str]] = {}
-        self.wq: dict[str, tuple[str, str, str, np.ndarray]] = {}
-        decided = {n.name: n for n in plan.nodes}
+        self.wq: dict[str, tuple[str, str, str]] = {}
         self.fused = {n.fused_into: n.name for n in plan.nodes if n.fused_into}
         self.dropped = {n.name for n in plan.nodes if n.fused_into}
-        self.int8_nodes = {k for k, n in decided.items() if n.quantized and k not in self.dropped}
+        self.int8_nodes = {n.name for n in plan.nodes if n.quantized and n.name not in self.dropped}
 
     # -- tensors -----------------------------------------------------------------
     def const(self, base, value) -> str:
@@ -47,24 +43,21 @@ class _Rewrite:
     def act(self, tensor: str) -> tuple[str, str, str]:
         """(int8 name, scale, zero point) of a quantized activation."""
         if tensor not in self.qnames:
-            t = self.plan.tensors[tensor]
-            qtype = QType.parse(t.qtype)
+            scale, zp = params(self.plan.tensors[tensor])
             self.qnames[tensor] = (self.names.fresh(f"{tensor}_quantized"),
-                                   self.const(f"{tensor}_scale", np.float32(t.scale)),
-                                   self.const(f"{tensor}_zero_point", np.array(t.zero_point, dtype=qtype.dtype)))
+                                   self.const(f"{tensor}_scale", scale), self.const(f"{tensor}_zero_point", zp))
         return self.qnames[tensor]
 
-    def weight(self, name: str) -> tuple[str, str, str, np.ndarray]:
+    def weight(self, name: str) -> tuple[str, str, str]:
         if name not in self.wq:
             spec = self.plan.tensors[name]
-            q, scale, zp = quantize_weight(self.view.array(name), spec)
+            q, scale, zp = quantize_weight(stored_weight(spec, self.view), spec)
             self.wq[name] = (self.const(f"{name}_quantized", q), self.const(f"{name}_scale", scale),
-                             self.const(f"{name}_zero_point", zp), scale)
+                             self.const(f"{name}_zero_point", zp))
         return self.wq[name]
 
-    def bias(self, name: str, act: str, weight: str) -> str:
-        x_scale = self.plan.tensors[act].scale
-        q, _, _ = quantize_bias_tensor(self.view.array(name), x_scale, self.weight(weight)[3])
+    def bias(self, name: str) -> str:
+        q, _, _ = quantize_bias(self.view.array(name), self.plan.tensors[name])
         return self.const(f"{name}_quantized", q)
 
     def is_int8(self, tensor: str) -> bool:
@@ -117,7 +110,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             for o in node.output:
                 r.quantize_if_needed(o)
             continue
-        emitted = _emit(node, r)
+        emitted = _emit(node, r.plan.node(key).kernel, r)
         if emitted is not None:
             r.dequantize_if_needed(emitted)
     out = onnx.ModelProto()
@@ -130,24 +123,21 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     removed = {t.name for t in out.graph.initializer} - {t.name for t in keep}
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
-    inputs = [i for i in out.graph.input if i.name not in removed]
-    del out.graph.input[:]
-    out.graph.input.extend(inputs)
-    if not any(o.domain == MS for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS, 1))
+    drop_stale_inputs(out.graph, removed)
+    ensure_ms_opset(out)
     return out
 
 
-def _emit(node, r: _Rewrite) -> str | None:
-    """Append the integer op for ``node``; return the int8 tensor it produced (or None for float output)."""
-    op = node.op_type
+def _emit(node, kernel: str, r: _Rewrite) -> str | None:
+    """Append ``kernel`` for ``node``; return the int8 tensor it produced (or None for float output)."""
     out = r.int8_output(node)
-    if op == "Conv":
+    if kernel == "QLinearConv":
         return _conv(node, r, out)
-    if op in ("Gemm", "MatMul"):
-        return _linear(node, r, out)
-    if op in BINARY or op in UNARY or op == "Concat":
-        return _qlinear(node, r, out)
+    if kernel in ("QGemm", "QLinearMatMul", "MatMulIntegerToFloat"):
+        return _linear(node, kernel, r, out)
+    if kernel in BINARY or kernel in UNARY or kernel == "QLinearConcat":
+        return _qlinear(node, kernel, r, out)
+    op = node.op_type
     if op == "Gather" and r.view.is_initializer(node.input[0]):
         wq = r.weight(node.input[0])[0]
         r.nodes.append(helper.make_node("Gather", [wq, node.input[1]], [r.act(out)[0]], name=node.name,
@@ -165,31 +155,30 @@ def _attrs(node) -> dict:
 
 def _conv(node, r: _Rewrite, out: str) -> str:
     x, s, z = r.act(node.input[0])
-    wq, ws, wz, _ = r.weight(node.input[1])
+    wq, ws, wz = r.weight(node.input[1])
     y, ys, yz = r.act(out)
     inputs = [x, s, z, wq, ws, wz, ys, yz]
     if len(node.input) > 2 and node.input[2]:
-        inputs.append(r.bias(node.input[2], node.input[0], node.input[1]))
+        inputs.append(r.bias(node.input[2]))
     r.nodes.append(helper.make_node("QLinearConv", inputs, [y], name=node.name, **_attrs(node)))
     return out
 
 
-def _linear(node, r: _Rewrite, out: str | None) -> str | None:
+def _linear(node, kernel: str, r: _Rewrite, out: str | None) -> str | None:
     a, a_s, a_z = r.act(node.input[0])
     b_name = node.input[1]
     weight = r.view.is_initializer(b_name)
-    b, b_s, b_z = r.weight(b_name)[:3] if weight else r.act(b_name)
-    if node.op_type == "Gemm":
+    b, b_s, b_z = r.weight(b_name) if weight else r.act(b_name)
+    if kernel == "QGemm":
         inputs = [a, a_s, a_z, b, b_s, b_z]
-        inputs.append(r.bias(node.input[2], node.input[0], b_name) if len(node.input) > 2 and node.input[2]
-                      and r.plan.tensors.get(node.input[2]) is not None else "")
+        inputs.append(r.bias(node.input[2]) if len(node.input) > 2 and node.input[2] else "")
         outputs = [r.act(out)[0]] if out else [node.output[0]]
         if out:
             inputs += [r.act(out)[1], r.act(out)[2]]
         attrs = {k: v for k, v in _attrs(node).items() if k in ("transA", "transB", "alpha")}
         r.nodes.append(helper.make_node("QGemm", inputs, outputs, name=node.name, domain=MS, **attrs))
         return out
-    if out:
+    if kernel == "QLinearMatMul":
         y, ys, yz = r.act(out)
         r.nodes.append(helper.make_node("QLinearMatMul", [a, a_s, a_z, b, b_s, b_z, ys, yz], [y], name=node.name))
         return out
@@ -198,20 +187,19 @@ def _linear(node, r: _Rewrite, out: str | None) -> str | None:
     return None
 
 
-def _qlinear(node, r: _Rewrite, out: str) -> str:
+def _qlinear(node, kernel: str, r: _Rewrite, out: str) -> str:
     y, ys, yz = r.act(out)
-    op = node.op_type
-    if op == "Concat":
+    if kernel == "QLinearConcat":
         inputs = [ys, yz] + [part for t in node.input if t for part in r.act(t)]
-        r.nodes.append(helper.make_node("QLinearConcat", inputs, [y], name=node.name, domain=MS, **_attrs(node)))
+        r.nodes.append(helper.make_node(kernel, inputs, [y], name=node.name, domain=MS, **_attrs(node)))
         return out
-    if op in BINARY:
+    if kernel in BINARY:
         inputs = [*r.act(node.input[0]), *r.act(node.input[1]), ys, yz]
-        r.nodes.append(helper.make_node(BINARY[op], inputs, [y], name=node.name, domain=MS))
+        r.nodes.append(helper.make_node(kernel, inputs, [y], name=node.name, domain=MS))
         return out
     attrs = _attrs(node)
-    if op == "GlobalAveragePool":
+    if kernel == "QLinearGlobalAveragePool":
         attrs["channels_last"] = 0
-    r.nodes.append(helper.make_node(UNARY[op], [*r.act(node.input[0]), ys, yz], [y], name=node.name, domain=MS,
+    r.nodes.append(helper.make_node(kernel, [*r.act(node.input[0]), ys, yz], [y], name=node.name, domain=MS,
                                     **attrs))
     return out

@@ -1,4 +1,4 @@
-"""Weight and bias tensors: quantized initializers computed from a plan's specs."""
+"""Weight and bias tensors: quantized values computed from a resolved plan's numbers."""
 
 from __future__ import annotations
 
@@ -6,21 +6,27 @@ import numpy as np
 from onnx import numpy_helper
 
 from ..plans import TensorPlan
-from ..qparams import PerAxis, PerTensor, QType, quantize, quantize_bias, weight_qparams
+from ..qparams import quantize, quantize_int32
+from ..resolve import as_array
 
 
-def quantize_weight(w: np.ndarray, spec: TensorPlan):
-    """(q, scale, zero_point) of a weight as ``spec`` says (axis or per tensor)."""
-    qtype = QType.parse(spec.qtype)
-    gran = PerTensor() if spec.axis is None else PerAxis(spec.axis)
-    scale, zp = weight_qparams(w, qtype, gran, spec.symmetric)
-    q = quantize(w, scale, zp, qtype, axis=spec.axis)
-    return q, scale, zp
+def params(t: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of a resolved tensor as float32 / its storage type."""
+    if not t.has_params:
+        raise ValueError(f"plan has no parameters for {t.name}; resolve the plan first")
+    return as_array(t.scale, np.float32), as_array(t.zero_point, t.precision.dtype)
 
 
-def quantize_bias_tensor(b: np.ndarray, input_scale: float, weight_scale: np.ndarray):
-    q, scale = quantize_bias(b, input_scale, weight_scale)
-    return q, scale, np.zeros_like(q, dtype=np.int32) if np.ndim(scale) else np.int32(0)
+def quantize_weight(w: np.ndarray, t: TensorPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, scale, zero point) of a weight with the plan's own scale and zero point."""
+    scale, zp = params(t)
+    return quantize(w, scale, zp, t.precision, axis=t.axis if np.ndim(scale) else None), scale, zp
+
+
+def quantize_bias(b: np.ndarray, t: TensorPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int32 q, scale, zero point) of a bias with the plan's derived scale."""
+    scale, zp = params(t)
+    return quantize_int32(b, scale), scale, zp
 
 
 def initializer(array, name: str):

@@ -1,21 +1,28 @@
-"""What a rule returns, and what it may ask of the planner.
+"""What a rule returns, and the read-only facts it may look at.
 
-A rule looks at one node and answers either ``Skip(reason)`` or a ``NodeRule``
-that says, per input index, how it is quantized (``Act``, ``Weight``,
-``Bias``) and what happens to its output: ``Act`` (int8 output required for an
-integer kernel), ``Optional`` (the kernel can also produce float, e.g.
-MatMulIntegerToFloat and QGemm: the output is int8 only if a quantized consumer
-reads it), ``Share`` (same parameters as an input or a weight) or None.
+A rule is a pure function ``(node, ctx) -> Skip(reason) | NodeRule``. It
+writes nothing: ``ctx`` answers questions about the model (facts computed once
+per command) and about the decisions the planner has already assembled for
+earlier nodes in topological order. A ``NodeRule`` says, per input index, how
+that input is quantized (``Act``, ``Weight``, ``Bias``), what happens to the
+output — ``Act`` (an integer kernel needs an int8 output), ``Optional`` (the
+kernel can also produce float, e.g. MatMulIntegerToFloat and QGemm: int8 only
+if a quantized consumer reads it), ``Share`` (same parameters as an input or a
+weight) or None — and which neighbour it absorbs (``fuses``: a Relu/Clip after
+a Conv; a bias Add after a dynamic MatMul). The planner records a fusion only
+once both sides are final.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import onnx
 
 from ..config import QuantizeOptions
 from ..graph import GraphView
+from ..types import Precision, Target
 
 
 @dataclass(frozen=True)
@@ -30,13 +37,17 @@ class Optional:
 
 @dataclass(frozen=True)
 class Weight:
-    """A constant weight; ``axis`` is the per-channel axis or None for per-tensor.
-    ``qtype``/``symmetric`` override the options' weight type (embedding tables
-    take the activation type so that gathered rows match their consumers)."""
+    """A constant weight; ``axis`` is the per-channel axis (of the weight as
+    stored) or None for per-tensor. ``precision`` overrides the options' weight
+    type (embedding tables take the activation type so that gathered rows match
+    their consumers); ``matmul``: it feeds an integer matrix product (7-bit on
+    CPUs without VNNI); ``transpose``: stored transposed (dynamic Gemm, transB)."""
 
     axis: int | None
-    qtype: str | None = None
+    precision: Precision | None = None
     symmetric: bool = True
+    matmul: bool = True
+    transpose: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,9 @@ class NodeRule:
     output: Act | Optional | Share | None
     reason: str
     output_reason: str = ""
+    fuses: str = ""    # the neighbour node this one absorbs, if both end up final
+    kernel: str = ""   # a kernel the format does not imply (dynamic mode)
+    bias: str = ""     # a float bias the kernel folds in (dynamic mode)
 
 
 @dataclass(frozen=True)
@@ -67,45 +81,66 @@ class Skip:
     reason: str
 
 
-@dataclass
-class Context:
-    """What the planner knows so far, in topological order.
-
-    ``quantized`` maps activation tensors already represented in int8 to the
-    node that decided it; ``optional`` holds outputs that may become int8 if a
-    consumer wants them; ``fused`` holds activation nodes (Relu, Clip) that a
-    preceding quantized op absorbs; ``patterns`` maps node names to the float
-    pattern (LayerNorm, GELU, Swish) they belong to; ``ranges`` holds
-    calibrated ranges once known.
-    """
+@dataclass(frozen=True)
+class Facts:
+    """What is known about the model before any decision: computed once per
+    command, read by every rule, never changed. ``overrides`` maps node names
+    to the precision the user asked for; ``kept_float`` maps node names to why
+    they must stay float (user request, or a reader that needs their float output)."""
 
     view: GraphView
     options: QuantizeOptions
-    quantized: dict[str, str] = field(default_factory=dict)
-    optional: dict[str, str] = field(default_factory=dict)
-    fused: dict[str, str] = field(default_factory=dict)
     patterns: dict[str, str] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] | None = None
     macs: dict[str, int] = field(default_factory=dict)
+    overrides: dict[str, Precision] = field(default_factory=dict)
+    kept_float: dict[str, str] = field(default_factory=dict)
+    target: Target = Target.CPU
+
+
+class Context:
+    """A rule's read-only window: the facts, plus what the planner has decided so
+    far (tensors already int8, outputs that may become int8, fusions accepted)."""
+
+    def __init__(self, facts: Facts, quantized, optional, fused):
+        self.facts = facts
+        self.view = facts.view
+        self.options = facts.options
+        self.patterns = facts.patterns
+        self.ranges = facts.ranges
+        self._quantized = MappingProxyType(quantized)
+        self._optional = MappingProxyType(optional)
+        self._fused = MappingProxyType(fused)
 
     def mac_share(self, node: onnx.NodeProto) -> float | None:
         """This node's share of the model's Conv/MatMul/Gemm MACs (None if unknown)."""
-        total = sum(self.macs.values())
+        macs = self.facts.macs
+        total = sum(macs.values())
         key = self.node_key(node)
-        return self.macs[key] / total if total and key in self.macs else None
+        return macs[key] / total if total and key in macs else None
 
     def is_quantized(self, tensor: str) -> bool:
-        return tensor in self.quantized
+        return tensor in self._quantized
 
     def is_int8_capable(self, tensor: str) -> bool:
         """Already int8, or the output of a quantized node that can emit int8."""
-        return tensor in self.quantized or tensor in self.optional
+        return tensor in self._quantized or tensor in self._optional
 
     def is_model_output(self, tensor: str) -> bool:
         return tensor in self.view.graph_outputs
 
     def node_key(self, node: onnx.NodeProto) -> str:
         return self.view.node_name(node)
+
+    def fused_by(self, node: onnx.NodeProto) -> str | None:
+        """The quantized node that absorbs ``node`` (accepted by the planner), if any."""
+        return self._fused.get(self.node_key(node))
+
+    def kept_float(self, node: onnx.NodeProto) -> bool:
+        return self.node_key(node) in self.facts.kept_float
+
+    def override(self, node: onnx.NodeProto) -> Precision | None:
+        return self.facts.overrides.get(self.node_key(node))
 
 
 def float_inputs(node: onnx.NodeProto, ctx: Context) -> list[str]:

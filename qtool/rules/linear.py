@@ -14,9 +14,10 @@ def _weight_axis(ctx: Context, axis: int) -> int | None:
 
 
 def _fused_activation(node: onnx.NodeProto, ctx: Context) -> onnx.NodeProto | None:
-    """The Relu/Clip that alone consumes this node's output, if onnxruntime can fuse it."""
+    """The Relu/Clip that alone consumes this node's output, if onnxruntime can fuse it
+    (and it is not kept float)."""
     nxt = ctx.view.sole_consumer(node.output[0])
-    if nxt is None or nxt.op_type not in FUSABLE_ACTIVATIONS:
+    if nxt is None or nxt.op_type not in FUSABLE_ACTIVATIONS or ctx.kept_float(nxt):
         return None
     if nxt.op_type == "Clip" and not _constant_clip(nxt, ctx):
         return None
@@ -29,21 +30,21 @@ def _constant_clip(node: onnx.NodeProto, ctx: Context) -> bool:
 
 
 def _output(node: onnx.NodeProto, ctx: Context, float_ok: bool):
-    """Decide the output of a linear op: quantized, fused into Relu/Clip, or float."""
+    """Decide the output of a linear op: quantized, fused into Relu/Clip, or float.
+    Returns (output spec or Skip, why, name of the fused activation node)."""
     out = node.output[0]
     act = _fused_activation(node, ctx)
     if act is not None and ctx.is_model_output(act.output[0]):
         out, act = act.output[0], None
     if act is not None:
-        ctx.fused[ctx.node_key(act)] = ctx.node_key(node)
-        return None, f"quantized after the fused {act.op_type}"
+        return None, f"quantized after the fused {act.op_type}", ctx.node_key(act)
     if ctx.is_model_output(out):
         if float_ok:
-            return None, "model output stays float (int8 kernel with float output)"
-        return Skip("output is a model output and onnxruntime has no int8 kernel with float output for this op"), ""
+            return None, "model output stays float (int8 kernel with float output)", ""
+        return Skip("output is a model output and onnxruntime has no int8 kernel with float output for this op"), "", ""
     if float_ok:
-        return Optional(), "int8 only if a quantized consumer reads it, else float (int8 kernel with float output)"
-    return Act(), "quantized"
+        return Optional(), "int8 only if a quantized consumer reads it, else float (int8 kernel with float output)", ""
+    return Act(), "quantized", ""
 
 
 FIRST_LAYER_MAX_CHANNELS = 4
@@ -70,7 +71,7 @@ def conv(node: onnx.NodeProto, ctx: Context):
     w = node.input[1]
     if not ctx.view.is_initializer(w):
         return Skip("weight is not a constant initializer")
-    first = _cheap_first_layer(node, ctx)
+    first = _cheap_first_layer(node, ctx) if ctx.override(node) is None else None
     if first is not None:
         return first
     inputs = {0: Act(), 1: Weight(_weight_axis(ctx, 0))}
@@ -78,10 +79,11 @@ def conv(node: onnx.NodeProto, ctx: Context):
         if not ctx.view.is_initializer(node.input[2]):
             return Skip("bias is not a constant initializer")
         inputs[2] = Bias(0, 1)
-    output, why = _output(node, ctx, float_ok=False)
+    output, why, fuses = _output(node, ctx, float_ok=False)
     if isinstance(output, Skip):
         return output
-    return NodeRule(inputs, output, "int8 Conv (weights per channel)" if ctx.options.per_channel else "int8 Conv", why)
+    return NodeRule(inputs, output, "int8 Conv (weights per channel)" if ctx.options.per_channel else "int8 Conv", why,
+                    fuses)
 
 
 def gemm(node: onnx.NodeProto, ctx: Context):
@@ -99,8 +101,10 @@ def gemm(node: onnx.NodeProto, ctx: Context):
         plain = view.attr(node, "alpha", 1.0) == 1.0 and view.attr(node, "beta", 1.0) == 1.0
         if view.is_initializer(c) and tuple(view.initializers[c].dims) == (n_out,) and plain:
             inputs[2] = Bias(0, 1)
-    output, why = _output(node, ctx, float_ok=True)
-    return NodeRule(inputs, output, "int8 Gemm", why)
+        elif ctx.options.format == "qoperator":
+            return Skip("C is not a 1-D bias of the output width (or alpha/beta != 1): QGemm cannot add it")
+    output, why, fuses = _output(node, ctx, float_ok=True)
+    return NodeRule(inputs, output, "int8 Gemm", why, fuses)
 
 
 def matmul(node: onnx.NodeProto, ctx: Context):
@@ -121,18 +125,18 @@ def matmul(node: onnx.NodeProto, ctx: Context):
                         "two Q nodes per call cost more than the int8 kernel saves")
         inputs = {0: Act(), 1: Act()}
         what = "int8 MatMul of two activations"
-    output, why = _output(node, ctx, float_ok=True)
-    return NodeRule(inputs, output, what, why)
+    output, why, fuses = _output(node, ctx, float_ok=True)
+    return NodeRule(inputs, output, what, why, fuses)
 
 
 def fused_activation(node: onnx.NodeProto, ctx: Context):
     """Relu/Clip right after a quantized Conv/Gemm/MatMul: its output carries the int8 range."""
-    key = ctx.node_key(node)
-    if key not in ctx.fused:
+    producer = ctx.fused_by(node)
+    if producer is None:
         return Skip("standalone activation: no int8 kernel, stays float")
     if ctx.is_model_output(node.output[0]):
-        return NodeRule({}, None, f"fused into {ctx.fused[key]}", "model output stays float")
-    return NodeRule({}, Act(), f"fused into {ctx.fused[key]}", "quantized (range of the fused activation)")
+        return NodeRule({}, None, f"fused into {producer}", "model output stays float")
+    return NodeRule({}, Act(), f"fused into {producer}", "quantized (range of the fused activation)")
 
 
 RULES = {"Conv": conv, "Gemm": gemm, "MatMul": matmul, "Relu": fused_activation, "Clip": fused_activation}

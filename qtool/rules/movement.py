@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import onnx
 
+from ..types import Precision
 from .base import Context, NodeRule, Share, Skip, Weight
 
 MOVEMENT_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice",
@@ -36,9 +37,11 @@ def gather(node: onnx.NodeProto, ctx: Context):
         return Skip("not a 2-D float embedding table")
     if ctx.is_model_output(node.output[0]):
         return Skip("output is a model output and stays float")
-    table_type = ctx.options.activation_type
-    return NodeRule({0: Weight(None, table_type, symmetric=False)}, Share(0),
-                    f"{table_type} embedding table (rows gathered as {table_type})",
+    table_type = ctx.override(node) or Precision.parse(ctx.options.activation_type)
+    if not table_type.is_integer or table_type.bits != 8:
+        return Skip(f"{table_type.label} embedding table: tables are int8 or uint8 only")
+    return NodeRule({0: Weight(None, table_type, symmetric=False, matmul=False)}, Share(0),
+                    f"{table_type.label} embedding table (rows gathered as {table_type.label})",
                     f"shares the parameters of the table {table}")
 
 
