@@ -294,6 +294,16 @@ class _Assembly:
                                  "integer kernel")
         return forced
 
+    def _wide(self, node, reads: list[str]) -> str:
+        """What 16-bit activations mean on the target (onnxruntime's integer kernels are 8-bit)."""
+        wide = [t for t in reads if t in self.tensors and self.tensors[t].quantized
+                and self.tensors[t].precision.bits == 16]
+        if not wide or self.fused.get(self.ctx.node_key(node)):
+            return ""
+        domain = "ai.onnx" if self.facts.view.opset("") >= 21 else "com.microsoft (opset < 21)"
+        return (f"; 16-bit {wide[0]}: {self.facts.target.ep} has no 16-bit integer {node.op_type}, so it runs "
+                f"float between 16-bit QuantizeLinear/DequantizeLinear ({domain}): accuracy, not speed")
+
     def node_plans(self) -> list[NodePlan]:
         out = []
         for node, decision, precision in self.decided:
@@ -307,6 +317,10 @@ class _Assembly:
                 reads.append(node.input[decision.output.input_index])
             reads = [t for t in reads if t in self.tensors and self.tensors[t].quantized
                      and self.tensors[t].role is not Role.BIAS]
-            out.append(NodePlan(name, node.op_type, precision, decision.reason, decision.kernel,
+            if isinstance(decision.output, Share):
+                precision = self.tensors[node.output[0]].precision
+            outs = list(node.output) + ([self.facts.view.by_name[decision.fuses].output[0]] if decision.fuses else [])
+            out.append(NodePlan(name, node.op_type, precision, decision.reason + self._wide(node, reads + outs),
+                                decision.kernel,
                                 self.fused.get(name, ""), tuple(dict.fromkeys(reads)), (), decision.bias))
         return out

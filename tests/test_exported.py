@@ -11,6 +11,8 @@ import onnxruntime as ort
 import pytest
 
 import qtool
+from plan_asserts import assert_model_matches_plan
+from qtool.prepare import prepare
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -35,6 +37,7 @@ def encoder(tmp_path_factory):
         np.savez(d / f"calib{i}.npz", ids=rng.integers(0, 50, (6, seq)).astype(np.int64))
     out = d / "int8.onnx"
     result = qtool.quantize(DATA / "tiny_encoder.onnx", out, data=d)
+    assert_model_matches_plan(onnx.load(out), result.plan, prepare(DATA / "tiny_encoder.onnx").model)
     return out, result, rng.integers(0, 50, (3, 10)).astype(np.int64)
 
 
@@ -70,6 +73,7 @@ def test_resnet_preprocess_and_fusion(tmp_path):
     assert "BatchNormalization" in notes and "Pad" in notes
     q = onnx.load(out)
     onnx.checker.check_model(q, full_check=True)
+    assert_model_matches_plan(q, result.plan, prepare(DATA / "tiny_resnet.onnx").model)  # BN folded weights
     assert "BatchNormalization" not in {n.op_type for n in q.graph.node}
     reasons = {n.name: n.reason for n in result.plan.nodes}
     assert "Swish/SiLU" in reasons["/silu/Sigmoid"] and "GELU (Tanh)" in reasons["/gelu/Tanh"]

@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 import models
 import qtool
+from plan_asserts import assert_model_matches_plan
+from qtool.prepare import prepare
 from qtool.cli import main
 from qtool.config import QuantizeOptions
 
@@ -26,7 +28,9 @@ def run(path, feeds):
 
 def test_qoperator_cnn(cnn_files, tmp_path):
     out = tmp_path / "q.onnx"
-    qtool.quantize(cnn_files["model"], out, table=cnn_files["table"], options=QuantizeOptions(format="qoperator"))
+    result = qtool.quantize(cnn_files["model"], out, table=cnn_files["table"],
+                            options=QuantizeOptions(format="qoperator"))
+    assert_model_matches_plan(onnx.load(out), result.plan, prepare(cnn_files["model"]).model)
     counts = ops(out)
     assert counts == Counter({"QLinearConv": 2, "QGemm": 2, "MaxPool": 1, "Flatten": 1, "QuantizeLinear": 1}), counts
     onnx.checker.check_model(onnx.load(out))
@@ -42,7 +46,9 @@ def test_qoperator_residual_graph(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(8, 3, 16, 16)).astype(np.float32))
     out = tmp_path / "q.onnx"
-    qtool.quantize(DATA / "tiny_resnet.onnx", out, data=tmp_path / "c.npz", options=QuantizeOptions(format="qoperator"))
+    result = qtool.quantize(DATA / "tiny_resnet.onnx", out, data=tmp_path / "c.npz",
+                            options=QuantizeOptions(format="qoperator"))
+    assert_model_matches_plan(onnx.load(out), result.plan, prepare(DATA / "tiny_resnet.onnx").model)
     counts = ops(out)
     assert counts["QLinearConv"] == 5 and counts["QLinearAdd"] == 1 and counts["QGemm"] == 1
     assert "Conv" not in counts
@@ -57,6 +63,8 @@ def test_dynamic_needs_no_data_and_folds_bias(tmp_path):
                                   "--explain"])
     assert r.exit_code == 0, r.output
     assert "DynamicQuantizeMatMul" in r.output and "bias folded into" in r.output
+    plan = qtool.plan(DATA / "tiny_encoder.onnx", options=QuantizeOptions(mode="dynamic"))
+    assert_model_matches_plan(onnx.load(out), plan, prepare(DATA / "tiny_encoder.onnx").model)
     counts = ops(out)
     assert counts["DynamicQuantizeMatMul"] == 4 and counts["MatMul"] == 2  # attention MatMuls stay float
     ids = np.random.default_rng(1).integers(0, 50, (3, 9)).astype(np.int64)
@@ -68,6 +76,8 @@ def test_dynamic_needs_no_data_and_folds_bias(tmp_path):
 def test_dynamic_gemm_with_transposed_weight(cnn_files, tmp_path):
     out = tmp_path / "dyn.onnx"
     result = qtool.quantize(cnn_files["model"], out, options=QuantizeOptions(mode="dynamic"))
+    assert_model_matches_plan(onnx.load(out), result.plan, prepare(cnn_files["model"]).model)
+    assert result.plan.tensors["w3"].transpose and result.plan.tensors["w3"].axis == 1
     assert ops(out)["DynamicQuantizeMatMul"] == 1  # the 32x1024 Gemm (transB=1)
     tiny = next(n for n in result.plan.nodes if n.name == "Gemm(logits)")
     assert not tiny.quantized and "of the model's MACs" in tiny.reason  # 32x10: too small to pay

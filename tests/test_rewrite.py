@@ -8,7 +8,9 @@ import onnxruntime as ort
 
 import models
 import qtool
+from plan_asserts import assert_model_matches_plan
 from qtool.config import QuantizeOptions
+from qtool.prepare import prepare
 
 
 def ops(model):
@@ -35,6 +37,7 @@ def quantize(model, tmp_path, n=48, options=QuantizeOptions(), **dims):
     result = qtool.quantize(src, out, data=tmp_path / "calib.npz", options=options)
     q = onnx.load(out)
     onnx.checker.check_model(q, full_check=True)
+    assert_model_matches_plan(q, result.plan, prepare(src, options.preprocess).model)
     return src, out, q, result
 
 

@@ -7,6 +7,8 @@ import onnxruntime as ort
 import pytest
 
 import qtool
+from plan_asserts import assert_model_matches_plan
+from qtool.prepare import prepare
 from conftest import SAMPLE
 from qtool.config import EvalOptions
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.skipif(not (SAMPLE / "model.onnx").exists(), reason="sa
 def sample_int8(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample") / "model.int8.onnx"
     result = qtool.quantize(SAMPLE / "model.onnx", out, data=SAMPLE / "calib.npz")
+    assert_model_matches_plan(onnx.load(out), result.plan, prepare(SAMPLE / "model.onnx").model)
     return out, result
 
 
