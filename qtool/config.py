@@ -21,6 +21,7 @@ else:  # pragma: no cover
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 ACTIVATION_TYPES = ("int8", "uint8")
+WEIGHT_TYPES = ("int8", "uint8")
 FORMATS = ("qdq", "qoperator")
 
 
@@ -69,6 +70,10 @@ class QuantizeOptions:
     x86-64 onnxruntime runs QDQ Conv as U8S8 and converts int8 activations to
     uint8 only where a QuantizeLinear feeds a single DequantizeLinear; a tensor
     with several consumers (residuals, branches) then keeps its Conv in float.
+    weight_type: int8 (default) or uint8 weights, symmetric (uint8 around zero
+    point 128). On x86-64 without VNNI onnxruntime's u8 x s8 kernels saturate,
+    so int8 weights of integer matrix products go on a 7-bit grid there, while
+    uint8 weights run exact u8 x u8 kernels (slower; see docs/benchmarks.md).
     precision: per-node overrides ``"NAME_OR_OPTYPE=P"`` with P one of fp32,
     int8, uint8, int16, uint16 (a node name beats an op type). exclude: node
     names or op types kept float (a synonym for ``NAME=fp32``).
@@ -93,7 +98,7 @@ class QuantizeOptions:
         _choice("quantize.format", self.format, FORMATS)
         _choice("quantize.mode", self.mode, ("static", "dynamic"))
         _choice("quantize.activation_type", self.activation_type, ACTIVATION_TYPES)
-        _choice("quantize.weight_type", self.weight_type, ("int8",))
+        _choice("quantize.weight_type", self.weight_type, WEIGHT_TYPES)
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "precision", tuple(self.precision))
         overrides = self.overrides()

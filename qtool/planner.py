@@ -199,12 +199,13 @@ class _Assembly:
 
     def _weight(self, tensor: str, node: str, spec: Weight, act: Precision, options) -> TensorPlan:
         granularity = PerTensor() if spec.axis is None else PerAxis(spec.axis)
-        reduce = spec.matmul and act.bits == 8 and cpu_needs_reduced_range()
+        precision = spec.precision or Precision.parse(options.weight_type)
+        reduce = spec.matmul and act.bits == 8 and precision is Precision.INT8 and cpu_needs_reduced_range()
         self.reduced |= reduce
         what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
         return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE,
                           f"weight of {node}, {what}" + (", 7-bit grid (CPU without VNNI)" if reduce else ""),
-                          spec.precision or Precision.parse(options.weight_type), granularity, spec.symmetric,
+                          precision, granularity, spec.symmetric,
                           transpose=spec.transpose, reduce_range=reduce)
 
     def _quantize_activation(self, tensor: str, why: str, precision: Precision) -> None:

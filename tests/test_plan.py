@@ -322,3 +322,27 @@ def test_random_overrides_give_valid_models_and_plans_that_reapply(tables, tmp_p
     assert all(np.isfinite(o).all() for o in outs)
     assert all(t.has_params for t in plan.tensors.values() if t.action in (Action.QUANTIZE, Action.SHARE,
                                                                             Action.DERIVE))
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_uint8_weights_are_symmetric_around_128_and_fuse(mode, cnn_files, tmp_path):
+    out = tmp_path / "q.onnx"
+    options = QuantizeOptions(weight_type="uint8", mode=mode)
+    result = qtool.quantize(cnn_files["model"], out, table=cnn_files["table"] if mode == "static" else None,
+                            options=options)
+    weights = [t for t in result.plan.tensors.values() if t.role is Role.WEIGHT and t.action is Action.QUANTIZE]
+    assert weights and all(t.precision.label == "uint8" and not t.reduce_range and set(t.zero_point) == {128}
+                           for t in weights)
+    q = onnx.load(out)
+    assert_model_matches_plan(q, result.plan, prepare(cnn_files["model"]).model)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"])
+    fused = Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)
+    if mode == "static":
+        assert fused["QLinearConv"] == 2 and fused["QGemm"] == 2, fused
+    else:
+        assert fused["DynamicQuantizeMatMul"] == 1, fused
+    feeds = models.random_inputs(models.small_cnn(), 8, seed=4)
+    ref = ort.InferenceSession(str(cnn_files["model"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.abs(ref - sess.run(None, feeds)[0]).max() < 0.05 * np.abs(ref).max()
