@@ -165,16 +165,29 @@ class _Assembly:
                 tensor = node.input[index]
                 if isinstance(spec, Act) and not ctx.view.is_float(tensor) and not ctx.is_int8_capable(tensor):
                     return Skip(f"input {tensor} is not float32 (or its type is unknown)")
+            mixed = self._mixed(node, decision)
+            if mixed and ctx.options.format == "qoperator":
+                return Skip(f"QOperator kernels take one 8-bit type for inputs and output: {mixed}")
         return decision
 
+    def _mixed(self, node, decision: NodeRule) -> str:
+        """An 8-bit activation input whose type differs from this node's (int8 vs uint8)."""
+        precision = self._precision(node)
+        for index, spec in decision.inputs.items():
+            t = self.tensors.get(node.input[index])
+            if isinstance(spec, Act) and t is not None and t.quantized and t.precision.bits == 8 \
+                    and precision.bits == 8 and t.precision is not precision:
+                return f"input {t.name} is {t.precision.label}, the node {precision.label}"
+        return ""
+
     def _precision(self, node: onnx.NodeProto) -> Precision:
-        """The activation precision of a quantized node: the user's override, its
-        absorbing node's (a fused Relu), or the options' activation type."""
+        """The activation precision of a quantized node: its absorbing node's (a
+        fused Relu), the user's override, or the options' activation type."""
         name = self.ctx.node_key(node)
+        if name in self.fused:  # one kernel, one output type
+            return next(p for n, _, p in self.decided if self.ctx.node_key(n) == self.fused[name])
         if name in self.facts.overrides:
             return self.facts.overrides[name]
-        if name in self.fused:
-            return next(p for n, _, p in self.decided if self.ctx.node_key(n) == self.fused[name])
         return Precision.parse(self.facts.options.activation_type)
 
     # -- tensors -----------------------------------------------------------------
@@ -321,7 +334,10 @@ class _Assembly:
             if isinstance(decision.output, Share):
                 precision = self.tensors[node.output[0]].precision
             outs = list(node.output) + ([self.facts.view.by_name[decision.fuses].output[0]] if decision.fuses else [])
-            out.append(NodePlan(name, node.op_type, precision, decision.reason + self._wide(node, reads + outs),
+            mixed = self._mixed(node, decision)
+            note = (f"; {mixed}: onnxruntime fuses only matching 8-bit types, so it runs float between Q/DQ"
+                    if mixed else "")
+            out.append(NodePlan(name, node.op_type, precision, decision.reason + self._wide(node, reads + outs) + note,
                                 decision.kernel,
                                 self.fused.get(name, ""), tuple(dict.fromkeys(reads)), (), decision.bias))
         return out

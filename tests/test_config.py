@@ -49,3 +49,14 @@ def test_options_validate_directly():
         CalibrateOptions(percentile=20)
     with pytest.raises(ConfigError):
         QuantizeOptions(activation_type="int4")
+
+
+def test_preset_precision_overrides(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text('[quantize]\nprecision = ["/head/Conv=fp32", "Gemm=int16"]\nweight_type = "uint8"\n')
+    q = load_preset(p).quantize
+    assert [(k, v.label) for k, v in q.overrides()] == [("/head/Conv", "fp32"), ("Gemm", "int16")]
+    assert q.weight_type == "uint8"
+    p.write_text('[quantize]\nprecision = ["Gemm=int7"]\n')
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        load_preset(p)
