@@ -160,9 +160,9 @@ def _merge(paths, model, output):
               help="Write weights to OUT.onnx.data (default: only above 2 GB).")
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default).")
 @click.option("--activation-type", type=click.Choice(["int8", "uint8"]), default=None)
-@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default=None,
-              help="int8 (default) or uint8 weights, symmetric; uint8 avoids the saturation of u8 x s8 kernels on "
-                   "x86-64 CPUs without VNNI (where int8 weights get a 7-bit grid), at some speed.")
+@click.option("--weight-type", type=click.Choice(["auto", "int8", "uint8"]), default=None,
+              help="Symmetric weights. auto (default): int8, or uint8 on x86-64 CPUs without VNNI, whose u8 x s8 "
+                   "kernels saturate; int8 there means a 7-bit grid (faster, less accurate).")
 @click.option("--precision", "precision", multiple=True, metavar="NAME_OR_OPTYPE=P",
               help="Per-node precision: fp32 (kept float, reading float inputs), int8, uint8, int16 or uint16 "
                    "(16-bit activations, QDQ only). A node name beats an op type.")

@@ -21,7 +21,7 @@ else:  # pragma: no cover
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 ACTIVATION_TYPES = ("int8", "uint8")
-WEIGHT_TYPES = ("int8", "uint8")
+WEIGHT_TYPES = ("auto", "int8", "uint8")
 FORMATS = ("qdq", "qoperator")
 
 
@@ -70,10 +70,11 @@ class QuantizeOptions:
     x86-64 onnxruntime runs QDQ Conv as U8S8 and converts int8 activations to
     uint8 only where a QuantizeLinear feeds a single DequantizeLinear; a tensor
     with several consumers (residuals, branches) then keeps its Conv in float.
-    weight_type: int8 (default) or uint8 weights, symmetric (uint8 around zero
-    point 128). On x86-64 without VNNI onnxruntime's u8 x s8 kernels saturate,
-    so int8 weights of integer matrix products go on a 7-bit grid there, while
-    uint8 weights run exact u8 x u8 kernels (slower; see docs/benchmarks.md).
+    weight_type: auto (default), int8 or uint8 weights, symmetric (uint8 around
+    zero point 128). On x86-64 without VNNI onnxruntime's u8 x s8 kernels
+    saturate: there auto means uint8 for the weights of integer matrix products
+    (exact u8 x u8 kernels), and int8 puts them on a 7-bit grid (faster, less
+    accurate; see docs/benchmarks.md); elsewhere auto means int8.
     precision: per-node overrides ``"NAME_OR_OPTYPE=P"`` with P one of fp32,
     int8, uint8, int16, uint16 (a node name beats an op type). exclude: node
     names or op types kept float (a synonym for ``NAME=fp32``).
@@ -88,7 +89,7 @@ class QuantizeOptions:
     per_channel: bool = True
     activation_type: str = "uint8"
     activation_symmetric: bool = False
-    weight_type: str = "int8"
+    weight_type: str = "auto"
     precision: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     preprocess: bool = True

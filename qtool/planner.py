@@ -24,7 +24,7 @@ from .graph.patterns import float_patterns
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .rules import RULES, Act, Bias, Context, Facts, NodeRule, Optional, Share, Skip, Weight
 from .rules import dynamic as dynamic_rules
-from .types import PerAxis, PerTensor, Precision, cpu_needs_reduced_range
+from .types import PerAxis, PerTensor, Precision, cpu_saturates_u8s8
 
 WBQ_OPS = ("Conv", "ConvTranspose", "Gemm")  # onnxruntime's WeightBiasQuantization targets
 
@@ -87,11 +87,22 @@ def plan(facts: Facts, notes: tuple[str, ...] = ()) -> Plan:
             break
         kept.update(forced)
     options = facts.options
-    target_note = (f"{facts.target.ep}: x86-64 CPU without VNNI: weights of integer matrix products on a 7-bit "
-                   "grid, as onnxruntime's reduce_range (8-bit weights saturate its AVX2 u8 x s8 kernels)"
+    target_note = (f"{facts.target.ep} on an x86-64 CPU without VNNI: its AVX2 u8 x s8 kernels saturate with 8-bit "
+                   "int8 weights, so weights of integer matrix products are "
+                   + ("on a 7-bit grid (onnxruntime's reduce_range)" if options.weight_type == "int8" else
+                      "uint8 around zero point 128 (exact u8 x u8 kernels; --weight-type int8 gives 7-bit int8 "
+                      "weights instead: faster, less accurate)")
                    if assembly.reduced else None)
     return Plan(assembly.tensors, tuple(assembly.node_plans()), tuple(notes) + ((target_note,) if target_note else ()),
                 options.mode, options.format, facts.target)
+
+
+def _weight_precision(weight_type: str, saturates: bool) -> Precision:
+    """``auto``: uint8 where onnxruntime's u8 x s8 kernels would saturate (x86-64
+    without VNNI), else int8."""
+    if weight_type == "auto":
+        return Precision.UINT8 if saturates else Precision.INT8
+    return Precision.parse(weight_type)
 
 
 def calibration_tensors(facts: Facts) -> list[str]:
@@ -212,12 +223,15 @@ class _Assembly:
 
     def _weight(self, tensor: str, node: str, spec: Weight, act: Precision, options) -> TensorPlan:
         granularity = PerTensor() if spec.axis is None else PerAxis(spec.axis)
-        precision = spec.precision or Precision.parse(options.weight_type)
-        reduce = spec.matmul and act.bits == 8 and precision is Precision.INT8 and cpu_needs_reduced_range()
-        self.reduced |= reduce
+        saturates = spec.matmul and act.bits == 8 and cpu_saturates_u8s8()
+        precision = spec.precision or _weight_precision(options.weight_type, saturates)
+        reduce = saturates and precision is Precision.INT8
+        self.reduced |= saturates
         what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
-        return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE,
-                          f"weight of {node}, {what}" + (", 7-bit grid (CPU without VNNI)" if reduce else ""),
+        how = ""
+        if saturates:
+            how = ", 7-bit grid (CPU without VNNI)" if reduce else ", uint8 around 128 (exact u8 x u8 kernels: CPU without VNNI)"
+        return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {node}, {what}{how}",
                           precision, granularity, spec.symmetric,
                           transpose=spec.transpose, reduce_range=reduce)
 

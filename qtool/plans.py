@@ -47,7 +47,7 @@ class TensorPlan:
     from (with ``weight``). ``scale``/``zero_point`` (a number per tensor, a
     tuple per axis) are filled by resolve. ``transpose``: a weight stored
     transposed (a Gemm with transB in dynamic mode). ``reduce_range``: a weight
-    on a 7-bit grid (x86-64 without VNNI, see :func:`qtool.types.cpu_needs_reduced_range`). ``qdq_domain``: the domain
+    on a 7-bit grid (x86-64 without VNNI, see :func:`qtool.types.cpu_saturates_u8s8`). ``qdq_domain``: the domain
     of its QuantizeLinear/DequantizeLinear ("com.microsoft" for 16-bit types
     below opset 21).
     """

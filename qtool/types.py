@@ -149,11 +149,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_needs_reduced_range() -> bool:
+def cpu_saturates_u8s8() -> bool:
     """True on x86-64 without VNNI: onnxruntime's u8 x s8 kernels (AVX2 vpmaddubsw) add
-    pairs of products into int16 and saturate with full 8-bit weights; 7-bit
-    weights (-64..64) keep 2 * 255 * 64 below 32767. Measured on the bundled
-    sample: 0.9035 top-1 with 8-bit weights, 0.9155 with 7-bit (fp32 0.9135)."""
+    pairs of products into int16 and saturate with full 8-bit int8 weights. Two ways
+    out: 7-bit int8 weights (-64..64 keep 2 * 255 * 64 below 32767), or uint8 weights,
+    which run the exact u8 x u8 kernels. Measured on the bundled sample: 0.9035 top-1
+    with 8-bit int8 weights, 0.9155 with 7-bit (fp32 0.9135)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
     flags = cpu_flags()

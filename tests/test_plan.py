@@ -346,3 +346,22 @@ def test_uint8_weights_are_symmetric_around_128_and_fuse(mode, cnn_files, tmp_pa
     feeds = models.random_inputs(models.small_cnn(), 8, seed=4)
     ref = ort.InferenceSession(str(cnn_files["model"]), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert np.abs(ref - sess.run(None, feeds)[0]).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_weights_follow_the_cpu(saturates, monkeypatch, cnn_files, tmp_path):
+    """x86-64 without VNNI: auto -> uint8 weights, int8 -> a 7-bit grid; elsewhere plain int8."""
+    from qtool import planner
+    monkeypatch.setattr(planner, "cpu_saturates_u8s8", lambda: saturates)
+    for weight_type in ("auto", "int8"):
+        out = tmp_path / f"{weight_type}.onnx"
+        plan = qtool.quantize(cnn_files["model"], out, table=cnn_files["table"],
+                              options=QuantizeOptions(weight_type=weight_type)).plan
+        w = plan.tensors["w2"]
+        q = onnx.numpy_helper.to_array({t.name: t for t in onnx.load(out).graph.initializer}["w2_quantized"])
+        if weight_type == "auto" and saturates:
+            assert w.precision.label == "uint8" and not w.reduce_range and np.abs(q.astype(int) - 128).max() in (127, 128)
+        else:
+            assert w.precision.label == "int8" and w.reduce_range == saturates
+            assert np.abs(q.astype(int)).max() == (64 if saturates else 127)
+        assert any("without VNNI" in n for n in plan.notes) == saturates
