@@ -410,6 +410,10 @@ def plan_rows(M, tmp: Path, calib_n: int, nncf_ok: bool) -> list[dict]:
          ("qtool static QDQ percentile", "qtool_pct", {}, {"method": "percentile"}),
          ("qtool QOperator", "qtool_qop", {"format": "qoperator"}, {}),
          ("qtool dynamic", "qtool_dyn", {"mode": "dynamic"}, {})]
+    from qtool.types import cpu_saturates_u8s8
+    if cpu_saturates_u8s8():  # the default picked uint8 weights: measure the 7-bit int8 alternative too
+        q += [("qtool static QDQ minmax, int8 weights (7-bit)", "qtool_w7", {"weight_type": "int8"}, {}),
+              ("qtool dynamic, int8 weights (7-bit)", "qtool_dyn_w7", {"mode": "dynamic", "weight_type": "int8"}, {})]
     for label, name, opts, copts in q:
         rows.append({"label": label, "path": Path(out(name)), "spec": {
             "tool": "qtool", "model": model, "out": out(name), "data": calib, "options": opts, "calibrate": copts}})

@@ -18,7 +18,7 @@ from .graph import GraphView
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .prepare import Prepared
 from .qparams import bias_scale
-from .resolve import QOPERATOR_KERNELS, as_array, share_root, stored_weight
+from .resolve import QOPERATOR_KERNELS, _int8_output, as_array, share_root, stored_weight
 from .rules.dynamic import KERNEL as DYNAMIC_KERNEL, SHARED_KERNEL
 from .types import PerAxis, PerTensor, Precision
 
@@ -49,8 +49,11 @@ def check_plan(plan: Plan, p: Prepared) -> None:
         raise PlanError(f"plan mode {plan.mode!r} / quant_format {plan.format!r}: expected static|dynamic, qdq|qoperator")
     view = GraphView(p.model)
     _check_nodes(plan, view)
+    used = _quantized_uses(plan, view)
     for t in plan.tensors.values():
         _check_tensor(t, plan, view)
+        if t.action is not Action.SKIP and t.name not in used:
+            _fail(f"tensor {t.name!r}", f"is {t.action.value}d but no quantized node of the plan reads or writes it")
 
 
 def _fail(what: str, message: str):
@@ -70,21 +73,76 @@ def _check_nodes(plan: Plan, view: GraphView) -> None:
         _check_node(n, plan, view)
 
 
+def _quantized_uses(plan: Plan, view: GraphView) -> set[str]:
+    """Tensors a quantized node reads quantized or writes (its own or its fused activation's
+    output), and the biases of quantized nodes: a quantized tensor outside this set is stray."""
+    used = set()
+    for n in plan.nodes:
+        if n.quantized:
+            node = view.by_name[n.name]
+            used.update(n.inputs)
+            used.update(o for o in node.output if o)
+            used.update(i for i in node.input if i in plan.tensors and plan.tensors[i].role is Role.BIAS)
+    for t in plan.tensors.values():  # a share's source chain is used through it
+        if t.action is Action.SHARE and t.name in used and t.source:
+            used.add(t.source)
+    return used
+
+
 def _check_node(n: NodePlan, plan: Plan, view: GraphView) -> None:
     what = f"node {n.name!r}"
     for t in n.inputs + n.float_inputs:
-        if t not in plan.tensors or not plan.tensors[t].quantized:
+        if t not in plan.tensors or plan.tensors[t].action in (Action.SKIP, Action.DERIVE):
             _fail(what, f"reads {t!r} quantized, but the plan does not quantize that tensor")
+    if not n.quantized:
+        if n.kernel or n.bias or n.fused_into or n.inputs:
+            _fail(what, "is float, so it can have no kernel, bias, fused_into or quantized inputs")
+        return
+    if n.float_inputs:
+        _fail(what, "is quantized: float_inputs are for float nodes only")
     if n.fused_into:
         host = plan.node(n.fused_into)
-        if host is None or not host.quantized or not n.quantized:
-            _fail(what, f"is fused into {n.fused_into!r}, which is not a quantized node of the plan")
+        if host is None or not host.quantized or n.kernel:
+            _fail(what, f"is fused into {n.fused_into!r}, which is not a quantized node of the plan "
+                        "(a fused node has no kernel of its own)")
         return
-    if n.quantized and n.kernel not in _kernels(n, plan):
+    if n.kernel not in _kernels(n, plan):
         _fail(what, f"kernel {n.kernel!r} is not one the {plan.mode} {plan.format} rewriter emits for "
                     f"{n.op_type} (expected one of {', '.join(sorted(_kernels(n, plan)))})")
-    if n.bias and (n.kernel not in (DYNAMIC_KERNEL, SHARED_KERNEL) or not view.is_initializer(n.bias)):
-        _fail(what, f"folds bias {n.bias!r}: only dynamic kernels fold a constant bias")
+    if n.kernel in ("QLinearMatMul", "MatMulIntegerToFloat") and plan.mode == "static":
+        int8_out = _int8_output(n, plan, plan.tensors, view)
+        if int8_out != (n.kernel == "QLinearMatMul"):
+            _fail(what, f"kernel {n.kernel} does not match its output, which the plan "
+                        f"{'quantizes' if int8_out else 'keeps float'}")
+    if plan.mode == "dynamic" and n.kernel in (DYNAMIC_KERNEL, SHARED_KERNEL):
+        _check_dynamic(what, n, plan, view)
+    elif n.bias:
+        _fail(what, f"folds bias {n.bias!r}: only dynamic kernels fold a bias")
+
+
+def _check_dynamic(what: str, n: NodePlan, plan: Plan, view: GraphView) -> None:
+    """A dynamic kernel: int8 weights [K, N] per column or per tensor, and a folded bias that is
+    exactly the Gemm's C or the constant of the one Add fused into it."""
+    node = view.by_name[n.name]
+    w = plan.tensors.get(node.input[1])
+    transposed = node.op_type == "Gemm" and bool(view.attr(node, "transB", 0))
+    if w is None or w.action is not Action.QUANTIZE or w.granularity not in (PerTensor(), PerAxis(1)) \
+            or w.transpose != transposed:
+        _fail(what, f"a dynamic kernel needs its weight {node.input[1]!r} quantized per tensor or per axis 1 "
+                    f"of the stored [K, N] matrix (transpose {'true' if transposed else 'false'})")
+    adds = [view.by_name[m.name] for m in plan.nodes if m.fused_into == n.name]
+    if node.op_type == "Gemm":
+        expected = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    elif adds:
+        add = adds[0]
+        expected = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        if len(adds) > 1 or add.op_type != "Add" or node.output[0] not in add.input:
+            _fail(what, "only the one bias Add right after it can be fused into a dynamic MatMul")
+    else:
+        expected = ""
+    if n.bias != expected:
+        _fail(what, f"folds bias {n.bias or 'none'!r}, but its " + (f"fused Add/C adds {expected!r}" if expected
+                                                                    else "plan fuses no bias Add"))
 
 
 def _kernels(n: NodePlan, plan: Plan) -> set[str]:
@@ -104,10 +162,16 @@ def _check_tensor(t: TensorPlan, plan: Plan, view: GraphView) -> None:
             _fail(what, "is not a tensor of this model")
     elif not view.is_initializer(t.name):
         _fail(what, f"is a {t.role.value} in the plan but not an initializer of the model")
+    allowed = {Role.ACTIVATION: {Action.QUANTIZE, Action.SHARE, Action.SKIP}, Role.WEIGHT: {Action.QUANTIZE, Action.SKIP},
+               Role.BIAS: {Action.DERIVE, Action.SKIP}}[t.role]
+    if plan.mode == "dynamic" and t.role is Role.ACTIVATION:
+        allowed = allowed | {Action.DYNAMIC}
+    if t.action not in allowed:
+        _fail(what, f"a {t.role.value} can be {', '.join(sorted(a.value for a in allowed))} "
+                    f"in a {plan.mode} plan, not {t.action.value}")
     if t.action in (Action.SKIP, Action.DYNAMIC):
         return
-    if not t.precision.is_integer:
-        _fail(what, f"is {t.action.value}d but its precision {t.precision.label} is not an integer type")
+    _check_precision(what, t, plan, view)
     if not t.has_params:
         _fail(what, "is quantized but has no scale/zero point")
     scale = as_array(t.scale, np.float64)
@@ -119,6 +183,21 @@ def _check_tensor(t: TensorPlan, plan: Plan, view: GraphView) -> None:
         _check_bias(what, t, plan, view)
 
 
+def _check_precision(what: str, t: TensorPlan, plan: Plan, view: GraphView) -> None:
+    supported = {Role.BIAS: (Precision.INT32,)}.get(t.role, (Precision.INT8, Precision.UINT8, Precision.INT16,
+                                                            Precision.UINT16))
+    if t.precision not in supported:
+        _fail(what, f"precision {t.precision.label} is not one the rewriters write for a {t.role.value} "
+                    f"({', '.join(p.label for p in supported)})")
+    if t.precision.bits == 16:
+        if plan.mode != "static" or plan.format != "qdq" or t.role is not Role.ACTIVATION:
+            _fail(what, "16-bit tensors exist only as activations of a static QDQ plan")
+        if view.opset("") < 21 and t.qdq_domain != "com.microsoft":
+            _fail(what, "16-bit Q/DQ below opset 21 needs \"qdq_domain\": \"com.microsoft\"")
+    if t.qdq_domain not in ("", "com.microsoft"):
+        _fail(what, f"qdq_domain {t.qdq_domain!r}: expected \"\" or \"com.microsoft\"")
+
+
 def _check_values(what: str, t: TensorPlan, scale: np.ndarray, zp: np.ndarray, view: GraphView) -> None:
     if not all(math.isfinite(v) and v >= TINY for v in scale.ravel()):
         _fail(what, "every scale must be a finite float32 number above 1.2e-38")
@@ -126,6 +205,10 @@ def _check_values(what: str, t: TensorPlan, scale: np.ndarray, zp: np.ndarray, v
         _fail(what, f"zero point outside the {t.precision.label} range [{t.precision.qmin}, {t.precision.qmax}]")
     if scale.shape != zp.shape:
         _fail(what, f"{scale.size} scale(s) but {zp.size} zero point(s)")
+    if t.symmetric and t.role is not Role.BIAS:
+        mid = 0 if t.precision.qmin < 0 else (t.precision.qmin + t.precision.qmax + 1) // 2
+        if np.any(zp != mid):
+            _fail(what, f"is symmetric, so its zero point must be {mid}")
     if isinstance(t.granularity, PerTensor):
         if scale.ndim:
             _fail(what, "per-tensor granularity needs one scale, not a list")

@@ -97,9 +97,12 @@ def plan(facts: Facts, notes: tuple[str, ...] = ()) -> Plan:
                 options.mode, options.format, facts.target)
 
 
-def _weight_precision(weight_type: str, saturates: bool) -> Precision:
+def _weight_precision(weight_type: str, saturates: bool, act: Precision) -> Precision:
     """``auto``: uint8 where onnxruntime's u8 x s8 kernels would saturate (x86-64
-    without VNNI), else int8."""
+    without VNNI), else int8. uint8 weights only beside uint8 activations:
+    onnxruntime's integer kernels have no int8 x uint8 form."""
+    if act is not Precision.UINT8:
+        return Precision.INT8
     if weight_type == "auto":
         return Precision.UINT8 if saturates else Precision.INT8
     return Precision.parse(weight_type)
@@ -213,7 +216,9 @@ class _Assembly:
                 self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.DYNAMIC,
                                                   f"input of {name}: uint8 per batch", Precision.UINT8)
             elif isinstance(spec, Weight):
-                self.tensors[tensor] = self._weight(tensor, name, spec, precision, options)
+                dynamic = any(isinstance(s, dynamic_rules.Dynamic) for s in decision.inputs.values())
+                act = Precision.UINT8 if dynamic else precision  # DynamicQuantizeLinear is uint8
+                self.tensors[tensor] = self._weight(tensor, name, spec, act, options)
             elif isinstance(spec, Bias):
                 w_spec = decision.inputs[spec.weight_index]
                 self.tensors[tensor] = TensorPlan(
@@ -224,13 +229,15 @@ class _Assembly:
     def _weight(self, tensor: str, node: str, spec: Weight, act: Precision, options) -> TensorPlan:
         granularity = PerTensor() if spec.axis is None else PerAxis(spec.axis)
         saturates = spec.matmul and act.bits == 8 and cpu_saturates_u8s8()
-        precision = spec.precision or _weight_precision(options.weight_type, saturates)
+        precision = spec.precision or _weight_precision(options.weight_type, saturates, act)
         reduce = saturates and precision is Precision.INT8
         self.reduced |= saturates
         what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
         how = ""
         if saturates:
             how = ", 7-bit grid (CPU without VNNI)" if reduce else ", uint8 around 128 (exact u8 x u8 kernels: CPU without VNNI)"
+        if options.weight_type == "uint8" and precision is not Precision.UINT8 and spec.precision is None:
+            how += f" (int8, not uint8: onnxruntime has no {act.label}-activation x uint8-weight kernel)"
         return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {node}, {what}{how}",
                           precision, granularity, spec.symmetric,
                           transpose=spec.transpose, reduce_range=reduce)

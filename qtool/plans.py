@@ -102,11 +102,11 @@ class TensorPlan:
             name=_str(d, "name"), role=Role(d["role"]), action=Action(d["action"]), reason=str(d.get("reason", "")),
             precision=Precision.parse(d.get("precision", "float")),
             granularity=granularity_from_json(d.get("granularity", {"kind": "per-tensor"})),
-            symmetric=bool(d.get("symmetric", False)), source=d.get("source"), weight=d.get("weight"),
+            symmetric=_bool(d, "symmetric", False), source=_opt_str(d, "source"), weight=_opt_str(d, "weight"),
             scale=tuple(_num(v, float) for v in scale) if isinstance(scale, list) else _opt_num(scale, float),
             zero_point=tuple(_num(v, int) for v in zp) if isinstance(zp, list) else _opt_num(zp, int),
             range=None if rng is None else (float(rng[0]), float(rng[1])),
-            transpose=bool(d.get("transpose", False)), reduce_range=bool(d.get("reduce_range", False)),
+            transpose=_bool(d, "transpose", False), reduce_range=_bool(d, "reduce_range", False),
             qdq_domain=str(d.get("qdq_domain", "")))
 
 
@@ -151,7 +151,7 @@ class NodePlan:
     def from_dict(cls, d: dict) -> "NodePlan":
         return cls(_str(d, "name"), _str(d, "op_type"), Precision.parse(d.get("precision", "float")),
                    str(d.get("reason", "")), str(d.get("kernel", "")), str(d.get("fused_into", "")),
-                   tuple(d.get("inputs", ())), tuple(d.get("float_inputs", ())), str(d.get("bias", "")))
+                   _names(d, "inputs"), _names(d, "float_inputs"), str(d.get("bias", "")))
 
 
 @dataclass(frozen=True)
@@ -211,8 +211,10 @@ class Plan:
         tensors = {}
         for i, t in enumerate(_list(data, "tensors")):
             try:
+                if not isinstance(t, dict):
+                    raise ValueError("each tensor must be a JSON object")
                 parsed = TensorPlan.from_dict(t)
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
                 raise ValueError(f"tensors[{i}] ({t.get('name', '?') if isinstance(t, dict) else t!r}): "
                                  f"{_why(exc)}") from None
             if parsed.name in tensors:
@@ -221,13 +223,15 @@ class Plan:
         nodes = []
         for i, n in enumerate(_list(data, "nodes")):
             try:
+                if not isinstance(n, dict):
+                    raise ValueError("each node must be a JSON object")
                 nodes.append(NodePlan.from_dict(n))
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ValueError(f"nodes[{i}]: {_why(exc)}") from None
-        return cls(tensors, tuple(nodes), tuple(data.get("notes", ())), str(data.get("mode", "static")),
+        return cls(tensors, tuple(nodes), _names(data, "notes"), str(data.get("mode", "static")),
                    str(data.get("quant_format", "qdq")), Target.parse(data.get("target", "cpu")),
-                   str(data.get("model_sha256", "")), bool(data.get("preprocess", True)),
-                   bool(data.get("resolved", False)), version)
+                   str(data.get("model_sha256", "")), _bool(data, "preprocess", True),
+                   _bool(data, "resolved", False), version)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -272,9 +276,30 @@ def _list(d: dict, key: str) -> list:
 def _num(v, kind):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ValueError(f"expected a number, got {v!r}")
-    if kind is int and float(v) != int(v):
-        raise ValueError(f"expected an integer, got {v!r}")
+    if kind is int and (not float(v).is_integer() or abs(v) > 2**32):
+        raise ValueError(f"expected an integer zero point, got {v!r}")
     return kind(v)
+
+
+def _bool(d: dict, key: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _opt_str(d: dict, key: str) -> str | None:
+    value = d.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} must be a tensor name or null, got {value!r}")
+    return value
+
+
+def _names(d: dict, key: str) -> tuple[str, ...]:
+    value = d.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of strings, got {value!r}")
+    return tuple(value)
 
 
 def _opt_num(v, kind):

@@ -47,16 +47,19 @@ def resolve(plan: Plan, view: GraphView, range_of: RangeOf) -> Plan:
     for name, t in plan.tensors.items():
         if t.role is Role.ACTIVATION and t.action is Action.QUANTIZE:
             tensors[name] = _activation(t, range_of)
-    _resolve_shares(tensors, activations=True)
     weights = {name: _weight_params(t, view) for name, t in tensors.items()
                if t.role is Role.WEIGHT and t.action is Action.QUANTIZE}
-    raised = _fit_biases(tensors, weights, view)
     for name, (scale, zp) in weights.items():
-        tensors[name] = _with_params(tensors[name], scale, zp, raised.get(name, 0))
+        tensors[name] = _with_params(tensors[name], scale, zp, 0)
+    _resolve_shares(tensors)  # a bias's input may share an activation's or a table's parameters
+    raised = _fit_biases(tensors, weights, view)
+    for name in raised:
+        tensors[name] = _with_params(plan.tensors[name], *weights[name], raised[name])
+    if raised:
+        _resolve_shares(tensors)
     for name, t in tensors.items():
         if t.role is Role.BIAS and t.action is Action.DERIVE:
             tensors[name] = _bias(t, tensors, view)
-    _resolve_shares(tensors, activations=False)
     opset = view.opset("")
     for name, t in tensors.items():
         if t.quantized and t.precision.bits == 16 and opset < QDQ_16BIT_OPSET:
@@ -143,15 +146,13 @@ def share_root(tensors: dict, name: str) -> TensorPlan:
     return t
 
 
-def _resolve_shares(tensors: dict, activations: bool) -> None:
-    """SHARE copies its root's parameters: activation roots first, weight roots
-    (Gather of an embedding table: its per-tensor parameters) once weights are done."""
+def _resolve_shares(tensors: dict) -> None:
+    """SHARE copies its root's parameters: an activation's, or an embedding table's
+    per-tensor ones (the rows a Gather reads)."""
     for name, t in list(tensors.items()):
         if t.role is not Role.ACTIVATION or t.action is not Action.SHARE:
             continue
         root = share_root(tensors, name)
-        if (root.role is Role.ACTIVATION) != activations:
-            continue
         if root.role is Role.WEIGHT and not isinstance(root.granularity, PerTensor):
             raise ValueError(f"{name} shares the per-axis weight {root.name}: only per-tensor tables can be shared")
         lo = root.scale * (root.precision.qmin - root.zero_point)
@@ -175,7 +176,12 @@ def _kernel(n, plan: Plan, tensors: dict, view: GraphView) -> str:
     if plan.format != "qoperator":
         return n.op_type
     if n.op_type == "MatMul":
-        node = view.by_name[n.name]
-        out = tensors.get(node.output[0])
-        return "QLinearMatMul" if out is not None and out.quantized else "MatMulIntegerToFloat"
+        return "QLinearMatMul" if _int8_output(n, plan, tensors, view) else "MatMulIntegerToFloat"
     return QOPERATOR_KERNELS.get(n.op_type, n.op_type)
+
+
+def _int8_output(n, plan: Plan, tensors: dict, view: GraphView) -> bool:
+    """Whether the node's kernel emits 8-bit: its own output, or its fused activation's, is quantized."""
+    outs = [view.by_name[n.name].output[0]] + [view.by_name[m.name].output[0] for m in plan.nodes
+                                               if m.fused_into == n.name]
+    return any(o in tensors and tensors[o].quantized and tensors[o].role is Role.ACTIVATION for o in outs)

@@ -29,7 +29,6 @@ def _arr(value, dtype):
 def assert_model_matches_plan(q: onnx.ModelProto, plan: Plan, fp32: onnx.ModelProto) -> None:
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     floats = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in fp32.graph.initializer}
-    dynamic_weights = _dynamic_weights(plan, fp32)
     for t in plan.tensors.values():
         if t.action in (Action.SKIP, Action.DYNAMIC):
             continue
@@ -66,22 +65,20 @@ def assert_model_matches_plan(q: onnx.ModelProto, plan: Plan, fp32: onnx.ModelPr
         if f"{t.name}_scale" not in inits:  # QOperator: an int32 bias alone; a gathered table's rows share it
             assert t.role is Role.BIAS or any(s.source == t.name for s in plan.tensors.values()), t.name
             continue
-        if t.name not in dynamic_weights:
-            np.testing.assert_array_equal(inits[f"{t.name}_scale"], scale, err_msg=t.name)
-            np.testing.assert_array_equal(inits[f"{t.name}_zero_point"], zp, err_msg=t.name)
+        np.testing.assert_array_equal(inits[f"{t.name}_scale"], scale, err_msg=t.name)
+        np.testing.assert_array_equal(inits[f"{t.name}_zero_point"], zp, err_msg=t.name)
     _assert_kernels(q, plan)
-
-
-def _dynamic_weights(plan: Plan, fp32: onnx.ModelProto) -> set[str]:
-    by_name = {n.name or f"{n.op_type}({n.output[0]})": n for n in fp32.graph.node}
-    return {by_name[n.name].input[1] for n in plan.nodes if plan.mode == "dynamic" and n.kernel in DYNAMIC_KERNELS}
 
 
 def _assert_kernels(q: onnx.ModelProto, plan: Plan) -> None:
     written = {n.name: n.op_type for n in q.graph.node}
     counts = Counter(n.op_type for n in q.graph.node)
     for n in plan.nodes:
-        if not n.quantized or n.fused_into:
+        if not n.quantized:
+            assert not n.kernel and n.name not in written or written[n.name] == n.op_type, n.name
+            continue
+        if n.fused_into:
+            assert n.name not in written or plan.format == "qdq", f"{n.name}: fused, yet written on its own"
             continue
         assert n.kernel, f"{n.name}: quantized node without a kernel"
         if plan.mode == "dynamic" and n.kernel in DYNAMIC_KERNELS:

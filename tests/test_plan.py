@@ -205,8 +205,20 @@ def saved_plan(sample_table, tmp_path_factory):
     (lambda d: _tensor(d, "input").update(scale=0.05), "'conv1.bias'.*s_x \\* s_w"),
     (lambda d: _tensor(d, "input").update(zero_point=300), "'input'.*zero point outside the uint8"),
     (lambda d: _tensor(d, "conv1.weight").update(scale=[0.1, 0.2]), "'conv1.weight'.*2 scale.*16 zero point"),
-    (lambda d: _tensor(d, "conv1.weight").update(scale=[0.1, 0.2], zero_point=[0, 0]),
-     "'conv1.weight'.*needs 16 scales"),
+    (lambda d: _tensor(d, "conv1.weight").update(scale=[0.1, 0.2], zero_point=_tensor(d, "conv1.weight")
+                                                 ["zero_point"][:2]), "'conv1.weight'.*needs 16 scales"),
+    (lambda d: _tensor(d, "conv1.weight").update(zero_point=[5] * 16), "'conv1.weight'.*symmetric"),
+    (lambda d: _tensor(d, "conv1.weight").update(action="derive"), "reads 'conv1.weight' quantized, but"),
+    (lambda d: _tensor(d, "conv1.weight").update(precision="int4"), "'conv1.weight'.*int4 is not one"),
+    (lambda d: _tensor(d, "input").update(precision="int16", zero_point=0), "'input'.*com.microsoft"),
+    (lambda d: [n.update(precision="float", kernel="") for n in d["nodes"] if n["name"] == "/conv1/Conv"],
+     "'/conv1/Conv'.*float, so it can have no"),
+    (lambda d: [n.update(precision="float", kernel="", inputs=[]) for n in d["nodes"]
+                if n["name"] == "/conv1/Conv"], "'/relu1/Relu'.*fused into '/conv1/Conv'"),
+    (lambda d: d["tensors"].insert(0, 5), "tensors\\[0\\].*JSON object"),
+    (lambda d: _tensor(d, "input").update(zero_point=1e20), "'input'.*integer zero point"),
+    (lambda d: _tensor(d, "input").update(symmetric="no"), "'input'.*true or false"),
+    (lambda d: d.update(notes=5), "notes must be a list"),
     (lambda d: _tensor(d, "conv1.weight").update(scale=-1.0), "'conv1.weight'"),
     (lambda d: _tensor(d, "/pool1/MaxPool_output_0").update(scale=0.5), "MaxPool_output_0'.*shares"),
     (lambda d: d["tensors"].append(dict(_tensor(d, "input"), name="nope")), "'nope'.*not a tensor of this model"),
@@ -292,17 +304,21 @@ def _choices(path):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), key=st.sampled_from(sorted(MODELS)), fmt=st.sampled_from(["qdq", "qoperator"]))
+@given(data=st.data(), key=st.sampled_from(sorted(MODELS)), fmt=st.sampled_from(["qdq", "qoperator", "dynamic"]))
 def test_random_overrides_give_valid_models_and_plans_that_reapply(tables, tmp_path_factory, data, key, fmt):
     path = MODELS[key]
     table, calib = tables[key]
-    precisions = ["fp32", "int8", "uint8"] + (["int16"] if fmt == "qdq" else [])
+    precisions = ["fp32", "int8", "uint8"] + (["int16", "uint16"] if fmt == "qdq" else [])
     keys = data.draw(st.lists(st.sampled_from(_choices(path)), max_size=4, unique=True))
     overrides = tuple(f"{k}={data.draw(st.sampled_from(precisions))}" for k in keys)
     d = tmp_path_factory.mktemp("case")
-    result = qtool.quantize(path, d / "q.onnx", table=table, options=QuantizeOptions(format=fmt, precision=overrides))
+    options = QuantizeOptions(mode="dynamic", precision=overrides) if fmt == "dynamic" else \
+        QuantizeOptions(format=fmt, precision=overrides)
+    result = qtool.quantize(path, d / "q.onnx", table=table if fmt != "dynamic" else None, options=options)
     plan = result.plan
     q = onnx.load(d / "q.onnx")
+    contrib = any(n.domain == "com.microsoft" for n in q.graph.node)
+    onnx.checker.check_model(q, full_check=not contrib)  # onnx has no schemas for onnxruntime's contrib ops
     assert_model_matches_plan(q, plan, prepare(path).model)
     for n in plan.nodes:  # a fusion is recorded only with both sides quantized
         assert not n.fused_into or (n.quantized and plan.node(n.fused_into).quantized), n
@@ -365,3 +381,80 @@ def test_weights_follow_the_cpu(saturates, monkeypatch, cnn_files, tmp_path):
             assert w.precision.label == "int8" and w.reduce_range == saturates
             assert np.abs(q.astype(int)).max() == (64 if saturates else 127)
         assert any("without VNNI" in n for n in plan.notes) == saturates
+
+
+@pytest.fixture(scope="module")
+def dynamic_plan(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dyn")
+    result = qtool.quantize(DATA / "tiny_encoder.onnx", d / "q.onnx", options=QuantizeOptions(mode="dynamic"))
+    (d / "p.json").write_text(result.plan.to_json())
+    return d / "p.json"
+
+
+def _node(data, name):
+    return next(n for n in data["nodes"] if n["name"] == name)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: _node(d, "/qkv/Add").update(fused_into="", precision="float"), "fuses no bias Add"),
+    (lambda d: _node(d, "/qkv/MatMul").update(bias=""), "folds bias 'none'.*qkv.bias"),
+    (lambda d: _node(d, "/qkv/MatMul").update(bias="proj.bias"), "folds bias 'proj.bias'"),
+    (lambda d: _node(d, "/qkv/MatMul").update(precision="float", kernel="", inputs=[], bias=""),
+     "fused into '/qkv/MatMul'"),
+    (lambda d: _tensor(d, _node(d, "/qkv/MatMul")["inputs"][1]).update(
+        granularity={"kind": "per-axis", "axis": 0}), "per tensor or per axis 1"),
+])
+def test_dynamic_plan_edits_are_checked(dynamic_plan, tmp_path, edit, message):
+    import re
+    edited = _edited(dynamic_plan, tmp_path, edit)
+    with pytest.raises(PlanError) as info:
+        qtool.quantize(DATA / "tiny_encoder.onnx", tmp_path / "q.onnx", plan=edited)
+    assert re.search(message, str(info.value)), str(info.value)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_gathered_rows_feeding_a_biased_gemm(tmp_path):
+    """Regression: a bias whose input shares an embedding table's parameters (resolved too late: exit 3)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (int64[N] ids) => (float[N, 4] y) {
+        e = Gather (emb, ids)
+        y = Gemm <transB = 1> (e, w, b)
+    }
+    """
+    rng = np.random.default_rng(0)
+    m = models._with_weights(text, {"emb": rng.normal(size=(20, 8)), "w": rng.normal(size=(4, 8)),
+                                    "b": rng.normal(size=4)})
+    src = models.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", ids=rng.integers(0, 20, 16).astype(np.int64))
+    result = qtool.quantize(src, tmp_path / "q.onnx", data=tmp_path / "c.npz")
+    assert result.plan.tensors["e"].action is Action.SHARE and result.plan.tensors["b"].has_params
+    assert_model_matches_plan(onnx.load(tmp_path / "q.onnx"), result.plan, prepare(src).model)
+    ids = {"ids": np.arange(10, dtype=np.int64)}
+    ref = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    assert np.abs(ref - got).max() < 0.03 * np.abs(ref).max()
+
+
+def test_qoperator_matmul_with_fused_relu(tmp_path):
+    """QLinearMatMul when the int8 output is the fused Relu's (MatMulIntegerToFloat would drop the Relu)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    mr (float[N, 8] x) => (float[N, 4] y) {
+        h = MatMul (x, w1)
+        r = Relu (h)
+        y = MatMul (r, w2)
+    }
+    """
+    rng = np.random.default_rng(1)
+    m = models._with_weights(text, {"w1": rng.normal(size=(8, 16)), "w2": rng.normal(size=(16, 4))})
+    src = models.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(32, 8)).astype(np.float32))
+    result = qtool.quantize(src, tmp_path / "q.onnx", data=tmp_path / "c.npz",
+                            options=QuantizeOptions(format="qoperator"))
+    assert result.plan.node("MatMul(h)").kernel == "QLinearMatMul"
+    assert result.plan.node("MatMul(y)").kernel == "MatMulIntegerToFloat"
+    x = {"x": rng.normal(size=(5, 8)).astype(np.float32)}
+    ref = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
