@@ -87,14 +87,15 @@ def plan(facts: Facts, notes: tuple[str, ...] = ()) -> Plan:
             break
         kept.update(forced)
     options = facts.options
+    nodes = tuple(assembly.node_plans())
     target_note = (f"{facts.target.ep} on an x86-64 CPU without VNNI: its AVX2 u8 x s8 kernels saturate with 8-bit "
                    "int8 weights, so weights of integer matrix products are "
                    + ("on a 7-bit grid (onnxruntime's reduce_range)" if options.weight_type == "int8" else
                       "uint8 around zero point 128 (exact u8 x u8 kernels; --weight-type int8 gives 7-bit int8 "
                       "weights instead: faster, less accurate)")
                    if assembly.reduced else None)
-    return Plan(assembly.tensors, tuple(assembly.node_plans()), tuple(notes) + ((target_note,) if target_note else ()),
-                options.mode, options.format, facts.target)
+    notes = tuple(notes) + assembly.unapplied_overrides(nodes) + ((target_note,) if target_note else ())
+    return Plan(assembly.tensors, nodes, notes, options.mode, options.format, facts.target)
 
 
 def _weight_precision(weight_type: str, saturates: bool, act: Precision) -> Precision:
@@ -249,9 +250,9 @@ class _Assembly:
             producer = self.optional.pop(tensor)
             why = f"output of {producer} (quantized because a quantized consumer reads it)"
         elif tensor in self.tensors and self.tensors[tensor].action is not Action.SKIP:
-            t = self.tensors[tensor]
-            if t.action is Action.QUANTIZE and precision.bits > t.precision.bits:
-                self.tensors[tensor] = replace(t, precision=precision, reason=f"{t.reason}; {precision.label} "
+            t = self._root(tensor)  # a shared tensor widens where its parameters come from
+            if t.action is Action.QUANTIZE and t.role is Role.ACTIVATION and precision.bits > t.precision.bits:
+                self.tensors[t.name] = replace(t, precision=precision, reason=f"{t.reason}; {precision.label} "
                                                f"because {why.split(' of ')[-1]} asks for it")
             return
         self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.QUANTIZE, why, precision,
@@ -275,6 +276,30 @@ class _Assembly:
             self.quantized[out] = name
         elif out and self.ctx.view.is_float(out):
             self.tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP, f"output of {name}: {decision.output_reason}")
+
+    def unapplied_overrides(self, nodes: tuple[NodePlan, ...]) -> tuple[str, ...]:
+        """Say which --precision requests the plan could not honour, and why."""
+        shares = {self.ctx.node_key(n) for n, d, _ in self.decided if isinstance(d, NodeRule)
+                  and isinstance(d.output, Share)}
+        missed = []
+        for n in nodes:
+            wanted = self.facts.overrides.get(n.name)
+            if wanted is None or wanted is Precision.FP32 or n.precision is wanted:
+                continue
+            why = (f"fused into {n.fused_into}, whose type it takes" if n.fused_into else
+                   "it runs on its input's data and shares its parameters" if n.name in shares else n.reason)
+            missed.append(f"{n.name}={wanted.label} ({n.precision.label}: {why})")
+        if not missed:
+            return ()
+        more = f" and {len(missed) - 3} more" if len(missed) > 3 else ""
+        return (f"--precision not applied to {len(missed)} node(s): {'; '.join(missed[:3])}{more}",)
+
+    def _root(self, tensor: str) -> TensorPlan:
+        t, seen = self.tensors[tensor], set()
+        while t.action is Action.SHARE and t.source in self.tensors and t.source not in seen:
+            seen.add(t.source)
+            t = self.tensors[t.source]
+        return t
 
     # -- float readers -------------------------------------------------------------
     def _carries_q(self, tensor: str) -> bool:
@@ -353,7 +378,7 @@ class _Assembly:
             reads = [t for t in reads if t in self.tensors and self.tensors[t].quantized
                      and self.tensors[t].role is not Role.BIAS]
             if isinstance(decision.output, Share):
-                precision = self.tensors[node.output[0]].precision
+                precision = self._root(node.output[0]).precision
             outs = list(node.output) + ([self.facts.view.by_name[decision.fuses].output[0]] if decision.fuses else [])
             mixed = self._mixed(node, decision)
             note = (f"; {mixed}: onnxruntime fuses only matching 8-bit types, so it runs float between Q/DQ"

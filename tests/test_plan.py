@@ -458,3 +458,14 @@ def test_qoperator_matmul_with_fused_relu(tmp_path):
     ref = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, x)[0]
     got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def test_int16_reaches_a_shared_input_and_unapplied_overrides_are_noted(sample_table):
+    plan = qtool.plan(SAMPLE / "model.onnx", sample_table,
+                      QuantizeOptions(precision=("/conv2/Conv=int16", "/relu1/Relu=int16", "/pool1/MaxPool=int8")))
+    # conv2 reads the MaxPool output, which shares relu1's parameters: the root widens
+    assert plan.tensors["/relu1/Relu_output_0"].precision.label == "int16"
+    assert plan.tensors["/pool1/MaxPool_output_0"].precision.label == "int16"
+    note = next(n for n in plan.notes if n.startswith("--precision not applied"))
+    assert "/relu1/Relu=int16" in note and "fused into /conv1/Conv" in note
+    assert "/pool1/MaxPool=int8" in note and "shares its parameters" in note
