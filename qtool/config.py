@@ -107,7 +107,7 @@ class QuantizeOptions:
         if wide and (self.mode == "dynamic" or self.format == "qoperator"):
             raise ConfigError(f"16-bit activations ({wide[0]}) exist only as QDQ: use --format qdq in static mode")
 
-    def overrides(self) -> list[tuple[str, "Precision"]]:
+    def overrides(self) -> list[tuple[str, object]]:
         """(name or op type, precision) pairs: ``exclude`` first, then ``precision`` in order."""
         from .types import NODE_PRECISIONS, Precision
         pairs = [(key, Precision.FP32) for key in self.exclude]

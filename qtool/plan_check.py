@@ -18,9 +18,9 @@ from .graph import GraphView
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .prepare import Prepared
 from .qparams import bias_scale
-from .resolve import QOPERATOR_KERNELS, _int8_output, as_array, share_root, stored_weight
+from .resolve import QDQ_16BIT_OPSET, int8_output, kernels_for, as_array, share_root, stored_weight
 from .rules.dynamic import KERNEL as DYNAMIC_KERNEL, SHARED_KERNEL
-from .types import PerAxis, PerTensor, Precision
+from .types import MS_DOMAIN, PerAxis, PerTensor, Precision
 
 TINY = float(np.finfo(np.float32).tiny)
 
@@ -106,11 +106,12 @@ def _check_node(n: NodePlan, plan: Plan, view: GraphView) -> None:
             _fail(what, f"is fused into {n.fused_into!r}, which is not a quantized node of the plan "
                         "(a fused node has no kernel of its own)")
         return
-    if n.kernel not in _kernels(n, plan):
+    allowed = kernels_for(n.op_type, plan.mode, plan.format)
+    if n.kernel not in allowed:
         _fail(what, f"kernel {n.kernel!r} is not one the {plan.mode} {plan.format} rewriter emits for "
-                    f"{n.op_type} (expected one of {', '.join(sorted(_kernels(n, plan)))})")
+                    f"{n.op_type} (expected one of {', '.join(sorted(allowed))})")
     if n.kernel in ("QLinearMatMul", "MatMulIntegerToFloat") and plan.mode == "static":
-        int8_out = _int8_output(n, plan, plan.tensors, view)
+        int8_out = int8_output(n, plan, plan.tensors, view)
         if int8_out != (n.kernel == "QLinearMatMul"):
             _fail(what, f"kernel {n.kernel} does not match its output, which the plan "
                         f"{'quantizes' if int8_out else 'keeps float'}")
@@ -143,16 +144,6 @@ def _check_dynamic(what: str, n: NodePlan, plan: Plan, view: GraphView) -> None:
     if n.bias != expected:
         _fail(what, f"folds bias {n.bias or 'none'!r}, but its " + (f"fused Add/C adds {expected!r}" if expected
                                                                     else "plan fuses no bias Add"))
-
-
-def _kernels(n: NodePlan, plan: Plan) -> set[str]:
-    if plan.mode == "dynamic":
-        return {DYNAMIC_KERNEL, SHARED_KERNEL} if n.op_type in ("MatMul", "Gemm") else {n.op_type}
-    if plan.format == "qdq":
-        return {n.op_type}
-    if n.op_type == "MatMul":
-        return {"QLinearMatMul", "MatMulIntegerToFloat"}
-    return {QOPERATOR_KERNELS.get(n.op_type, n.op_type)}
 
 
 def _check_tensor(t: TensorPlan, plan: Plan, view: GraphView) -> None:
@@ -192,9 +183,9 @@ def _check_precision(what: str, t: TensorPlan, plan: Plan, view: GraphView) -> N
     if t.precision.bits == 16:
         if plan.mode != "static" or plan.format != "qdq" or t.role is not Role.ACTIVATION:
             _fail(what, "16-bit tensors exist only as activations of a static QDQ plan")
-        if view.opset("") < 21 and t.qdq_domain != "com.microsoft":
+        if view.opset("") < QDQ_16BIT_OPSET and t.qdq_domain != MS_DOMAIN:
             _fail(what, "16-bit Q/DQ below opset 21 needs \"qdq_domain\": \"com.microsoft\"")
-    if t.qdq_domain not in ("", "com.microsoft"):
+    if t.qdq_domain not in ("", MS_DOMAIN):
         _fail(what, f"qdq_domain {t.qdq_domain!r}: expected \"\" or \"com.microsoft\"")
 
 

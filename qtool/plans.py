@@ -180,10 +180,6 @@ class Plan:
     def node(self, name: str) -> NodePlan | None:
         return self.node_index.get(name)
 
-    def activations_to_calibrate(self) -> list[str]:
-        return [t.name for t in self.tensors.values()
-                if t.role is Role.ACTIVATION and t.action is Action.QUANTIZE]
-
     def quantized_nodes(self) -> list[NodePlan]:
         return [n for n in self.nodes if n.quantized]
 

@@ -25,12 +25,11 @@ from .graph import GraphView
 from .plans import Action, Plan, Role, TensorPlan
 from .qparams import bias_scale, choose_qparams, reduced_bounds, weight_qparams
 from .rules.dynamic import KERNEL as DYNAMIC_KERNEL, SHARED_KERNEL
-from .types import PerTensor, Precision
+from .types import MS_DOMAIN, PerTensor, Precision
 
 INT32_RANGE = float(2**32 - 2)      # onnxruntime's qrange for the bias check
 BIAS_EPSILON = 1.0001               # ... and its multiplicative margin
 QDQ_16BIT_OPSET = 21                # ai.onnx QuantizeLinear takes int16/uint16 from opset 21
-MS_DOMAIN = "com.microsoft"
 
 QOPERATOR_KERNELS = {"Conv": "QLinearConv", "Gemm": "QGemm", "Add": "QLinearAdd", "Mul": "QLinearMul",
                      "Concat": "QLinearConcat", "AveragePool": "QLinearAveragePool",
@@ -162,6 +161,17 @@ def _resolve_shares(tensors: dict) -> None:
                                 range=root.range if root.role is Role.ACTIVATION else (float(lo), float(hi)))
 
 
+def kernels_for(op_type: str, mode: str, fmt: str) -> set[str]:
+    """Every kernel a rewriter may emit for a quantized ``op_type`` node."""
+    if mode == "dynamic":
+        return {DYNAMIC_KERNEL, SHARED_KERNEL} if op_type in ("MatMul", "Gemm") else {op_type}
+    if fmt == "qdq":
+        return {op_type}
+    if op_type == "MatMul":
+        return {"QLinearMatMul", "MatMulIntegerToFloat"}
+    return {QOPERATOR_KERNELS.get(op_type, op_type)}
+
+
 def _kernel(n, plan: Plan, tensors: dict, view: GraphView) -> str:
     """The op the rewriter emits for a quantized node ("" when fused into another)."""
     if not n.quantized or n.fused_into:
@@ -176,11 +186,11 @@ def _kernel(n, plan: Plan, tensors: dict, view: GraphView) -> str:
     if plan.format != "qoperator":
         return n.op_type
     if n.op_type == "MatMul":
-        return "QLinearMatMul" if _int8_output(n, plan, tensors, view) else "MatMulIntegerToFloat"
+        return "QLinearMatMul" if int8_output(n, plan, tensors, view) else "MatMulIntegerToFloat"
     return QOPERATOR_KERNELS.get(n.op_type, n.op_type)
 
 
-def _int8_output(n, plan: Plan, tensors: dict, view: GraphView) -> bool:
+def int8_output(n, plan: Plan, tensors: dict, view: GraphView) -> bool:
     """Whether the node's kernel emits 8-bit: its own output, or its fused activation's, is quantized."""
     outs = [view.by_name[n.name].output[0]] + [view.by_name[m.name].output[0] for m in plan.nodes
                                                if m.fused_into == n.name]

@@ -21,6 +21,9 @@ import onnx
 _T = onnx.TensorProto
 
 
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (and its 16-bit Q/DQ below opset 21)
+
+
 class Precision(Enum):
     """A tensor's number format. Integer members carry their grid
     (qmin..qmax); ``FLOAT`` means "the model's own float type" (kept float)."""

@@ -16,10 +16,10 @@ from onnx import helper
 from ..graph import GraphView
 from ..plans import Action, Plan, Role, TensorPlan
 from ..resolve import stored_weight
+from ..types import MS_DOMAIN
 from .names import Names
 from .weights import initializer, params, quantize_bias, quantize_weight
 
-MS_DOMAIN = "com.microsoft"
 
 
 class _Builder:

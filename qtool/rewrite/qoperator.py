@@ -145,7 +145,7 @@ def _emit(node, kernel: str, r: _Rewrite) -> str | None:
         return out
     inputs = [r.act(node.input[0])[0]] + list(node.input[1:])  # data movement on int8 data
     r.nodes.append(helper.make_node(op, inputs, [r.act(out)[0]], name=node.name, domain=node.domain,
-                                    **{a.name: helper.get_attribute_value(a) for a in node.attribute}))
+                                    **_attrs(node)))
     return out
 
 

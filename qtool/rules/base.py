@@ -119,9 +119,6 @@ class Context:
         key = self.node_key(node)
         return macs[key] / total if total and key in macs else None
 
-    def is_quantized(self, tensor: str) -> bool:
-        return tensor in self._quantized
-
     def is_int8_capable(self, tensor: str) -> bool:
         """Already int8, or the output of a quantized node that can emit int8."""
         return tensor in self._quantized or tensor in self._optional
