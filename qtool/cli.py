@@ -161,8 +161,9 @@ def _merge(paths, model, output):
 @click.option("--per-channel/--per-tensor", default=None, help="Weight scales per output channel (default).")
 @click.option("--activation-type", type=click.Choice(["int8", "uint8"]), default=None)
 @click.option("--weight-type", type=click.Choice(["auto", "int8", "uint8"]), default=None,
-              help="Symmetric weights. auto (default): int8, or uint8 on x86-64 CPUs without VNNI, whose u8 x s8 "
-                   "kernels saturate; int8 there means a 7-bit grid (faster, less accurate).")
+              help="Symmetric weights. auto (default): int8; on x86-64 CPUs without VNNI, whose u8 x s8 kernels "
+                   "saturate, uint8 for Conv and 7-bit int8 for MatMul/Gemm. int8 there means a 7-bit grid (faster, "
+                   "less accurate), uint8 exact u8 x u8 kernels (slower).")
 @click.option("--precision", "precision", multiple=True, metavar="NAME_OR_OPTYPE=P",
               help="Per-node precision: fp32 (kept float, reading float inputs), int8, uint8, int16 or uint16 "
                    "(16-bit activations, QDQ only). A node name beats an op type.")

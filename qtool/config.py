@@ -72,9 +72,10 @@ class QuantizeOptions:
     with several consumers (residuals, branches) then keeps its Conv in float.
     weight_type: auto (default), int8 or uint8 weights, symmetric (uint8 around
     zero point 128). On x86-64 without VNNI onnxruntime's u8 x s8 kernels
-    saturate: there auto means uint8 for the weights of integer matrix products
-    (exact u8 x u8 kernels), and int8 puts them on a 7-bit grid (faster, less
-    accurate; see docs/benchmarks.md); elsewhere auto means int8.
+    saturate: there int8 weights of integer matrix products go on a 7-bit grid,
+    uint8 ones run exact u8 x u8 kernels (slower), and auto means uint8 for
+    Conv, int8 (7-bit) for MatMul/Gemm (measured: docs/benchmarks.md);
+    elsewhere auto means int8.
     precision: per-node overrides ``"NAME_OR_OPTYPE=P"`` with P one of fp32,
     int8, uint8, int16, uint16 (a node name beats an op type). exclude: node
     names or op types kept float (a synonym for ``NAME=fp32``).

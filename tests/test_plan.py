@@ -366,7 +366,8 @@ def test_uint8_weights_are_symmetric_around_128_and_fuse(mode, cnn_files, tmp_pa
 
 @pytest.mark.parametrize("saturates", [True, False])
 def test_weights_follow_the_cpu(saturates, monkeypatch, cnn_files, tmp_path):
-    """x86-64 without VNNI: auto -> uint8 weights, int8 -> a 7-bit grid; elsewhere plain int8."""
+    """x86-64 without VNNI: auto -> uint8 Conv and 7-bit int8 Gemm weights, int8 -> a 7-bit grid;
+    elsewhere plain int8."""
     from qtool import planner
     monkeypatch.setattr(planner, "cpu_saturates_u8s8", lambda: saturates)
     for weight_type in ("auto", "int8"):
@@ -381,6 +382,8 @@ def test_weights_follow_the_cpu(saturates, monkeypatch, cnn_files, tmp_path):
             assert w.precision.label == "int8" and w.reduce_range == saturates
             assert np.abs(q.astype(int)).max() == (64 if saturates else 127)
         assert any("without VNNI" in n for n in plan.notes) == saturates
+        gemm = plan.tensors["w3"]
+        assert gemm.precision.label == "int8" and gemm.reduce_range == saturates
 
 
 @pytest.fixture(scope="module")
