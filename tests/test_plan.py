@@ -472,3 +472,30 @@ def test_int16_reaches_a_shared_input_and_unapplied_overrides_are_noted(sample_t
     note = next(n for n in plan.notes if n.startswith("--precision not applied"))
     assert "/relu1/Relu=int16" in note and "fused into /conv1/Conv" in note
     assert "/pool1/MaxPool=int8" in note and "shares its parameters" in note
+
+
+EFFNET = Path.home() / ".cache" / "qtool" / "efficientnet-lite0"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (EFFNET / "model.onnx").exists(),
+                    reason="EfficientNet-Lite0 not built (python calibration/efficientnet-lite0/make.py)")
+def test_efficientnet_biases_never_saturate(tmp_path):
+    """81 channels of 27 Convs have near-zero weights after BatchNorm folding: every int32 bias
+    must still give back its float value within half a step."""
+    from qtool.config import CalibrateOptions
+    out = tmp_path / "q.onnx"
+    result = qtool.quantize(EFFNET / "model.onnx", out, data=EFFNET / "calib.npz",
+                            calibrate_options=CalibrateOptions(limit=16))
+    assert any("raised so that the int32 bias fits" in t.reason for t in result.plan.tensors.values())
+    assert_model_matches_plan(onnx.load(out), result.plan, prepare(EFFNET / "model.onnx").model)
+
+
+def test_evaluate_parses_each_model_once(monkeypatch, cnn_files, tmp_path):
+    out = tmp_path / "q.onnx"
+    qtool.quantize(cnn_files["model"], out, table=cnn_files["table"])
+    loads = Counter()
+    real = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda path, *a, **k: loads.update([str(path)]) or real(path, *a, **k))
+    qtool.evaluate(cnn_files["model"], out, cnn_files["eval"])
+    assert loads == Counter({str(cnn_files["model"]): 1, str(out): 1}), loads
