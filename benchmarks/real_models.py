@@ -619,7 +619,7 @@ def main() -> None:
           f"{rss_limit / GiB:.1f} GiB RSS or {args.timeout:.0f} s")
     print("options:")
     print("  qtool:  qtool.quantize(model, out, data=CALIB) with default QuantizeOptions (static, qdq, per_channel, "
-          "uint8 activations, int8 weights) and CalibrateOptions (minmax, batch 32);")
+          "uint8 activations, weight_type auto: int8, or on CPUs without VNNI uint8 Conv and 7-bit int8 MatMul/Gemm weights) and CalibrateOptions (minmax, batch 32);")
     print("          percentile: calibrate_options=CalibrateOptions(method='percentile') (99.999);")
     print("          QOperator: QuantizeOptions(format='qoperator'); dynamic: QuantizeOptions(mode='dynamic'), no data")
     print("  ORT static:  quantize_static(model, out, reader, quant_format=QDQ, per_channel=True, "
