@@ -96,8 +96,14 @@ def test_external_data_in_and_out(tmp_path):
     np.savez(tmp_path / "c.npz", **models.random_inputs(m, 16))
     out = tmp_path / "out" / "q.onnx"
     out.parent.mkdir()
-    qtool.quantize(src_dir / "fp32.onnx", out, data=tmp_path / "c.npz", options=QuantizeOptions(external_data=True))
+    result = qtool.quantize(src_dir / "fp32.onnx", out, data=tmp_path / "c.npz",
+                            options=QuantizeOptions(external_data=True))
     assert (tmp_path / "out" / "q.onnx.data").exists()
+    assert_model_matches_plan(onnx.load(out), result.plan, prepare(src_dir / "fp32.onnx").model)
+    again = tmp_path / "out" / "again.onnx"  # the saved plan re-applies: the same weight bytes
+    (tmp_path / "p.json").write_text(result.plan.to_json())
+    qtool.quantize(src_dir / "fp32.onnx", again, plan=tmp_path / "p.json", options=QuantizeOptions(external_data=True))
+    assert (tmp_path / "out" / "again.onnx.data").read_bytes() == (tmp_path / "out" / "q.onnx.data").read_bytes()
     assert not list((tmp_path / "out").glob(".qtool-*"))
     feeds = models.random_inputs(m, 4, seed=9)
     ref, got = run(src_dir / "fp32.onnx", feeds), run(out, feeds)
