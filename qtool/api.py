@@ -227,10 +227,18 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
               on_batch) -> tuple[Plan, Prepared, CalibrationTable | None]:
     """Prepare and analyse once; calibrate when asked; plan and resolve."""
     from .planner import analyse
+    if options.mode == "dynamic" and (table is not None or data is not None):
+        raise QtoolError("--mode dynamic quantizes activations at run time and uses no calibration: "
+                         "drop --table/--data, or quantize in static mode")
     p = prepare(model, options.preprocess)
     facts = analyse(p.model, options)
     if options.mode == "dynamic":
-        return _resolved_plan(p, options, None, None, facts), p, None
+        the_plan = _resolved_plan(p, options, None, None, facts)
+        if not any(n.kernel for n in the_plan.quantized_nodes()):
+            raise QtoolError("--mode dynamic found nothing to quantize (it quantizes MatMul/Gemm weights and "
+                             "embedding tables; none here qualifies, see --explain reasons via static mode): "
+                             "quantize in static mode (--table or --data)")
+        return the_plan, p, None
     if table is None and data is None:
         raise QtoolError("static quantization needs a calibration table (--table) or data (--data); "
                          "or use --mode dynamic")

@@ -60,10 +60,16 @@ def _progress(total: int, desc: str):
     return bar
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds through the atomic writes, which remove their temporary files
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qtool", message="qtool %(version)s")
 def main():
     """Post-training int8 quantization of ONNX models, checked on onnxruntime."""
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 @main.command()

@@ -146,6 +146,10 @@ class EvalOptions:
         _choice("eval.provider", self.provider, ("cpu", "cuda"))
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.repeats", self.repeats)
+        if self.threads is not None:
+            _positive("eval.threads", self.threads)
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"eval.warmup must be a non-negative integer, got {self.warmup!r}")
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,16 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """Refuse an output that would overwrite an input or land in a missing folder."""
+    """Refuse, before any work, an output that is a folder, would overwrite an input, or
+    lands in a missing or unwritable folder."""
     out_p = Path(out)
     parent = out_p.resolve().parent
     if not parent.is_dir():
         raise OutputError(f"{out_p}: directory {parent} does not exist")
+    if out_p.is_dir():
+        raise OutputError(f"{out_p}: is a directory; give a file name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out_p}: directory {parent} is not writable")
     for src in inputs:
         if src is not None and Path(src).exists() and out_p.exists() and out_p.samefile(src):
             raise OutputError(f"{out_p}: output path is the input file; choose another name")
@@ -60,11 +65,48 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
     return out_p
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+TEMP_PREFIX = ".qtool-tmp-"  # + "<pid>-": a temporary file of a write in progress (or killed)
+
+
+def _file_mode() -> int:
+    """What a new file gets under the user's umask (mkstemp would give 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files and folders left by a qtool process that no longer runs (SIGKILL)."""
+    for p in folder.glob(TEMP_PREFIX + "*"):
+        pid = p.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if p.is_dir():
+            for child in p.glob("*"):
+                child.unlink(missing_ok=True)
+            p.rmdir()
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename over it; the result has
+    the permissions any new file gets, and an interrupted write leaves nothing."""
+    path = Path(path)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -86,11 +128,14 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
     if not external_data:
         atomic_write_bytes(path, model.SerializeToString())
         return
-    tmpdir = Path(tempfile.mkdtemp(prefix=".qtool-", dir=path.parent))
+    remove_stale_temporaries(path.parent)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=path.parent))
     try:
         data_name = path.name + ".data"
         onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        for written in tmpdir.glob("*"):
+            written.chmod(_file_mode())
         os.replace(tmpdir / data_name, path.parent / data_name)
         os.replace(tmpdir / path.name, path)
     finally:

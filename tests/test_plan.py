@@ -17,7 +17,7 @@ import qtool
 from plan_asserts import assert_model_matches_plan
 from qtool.cli import main
 from qtool.config import QuantizeOptions
-from qtool.errors import ConfigError, PlanError
+from qtool.errors import ConfigError, PlanError, QtoolError
 from qtool.plans import Action, Role
 from qtool.prepare import prepare
 
@@ -314,7 +314,11 @@ def test_random_overrides_give_valid_models_and_plans_that_reapply(tables, tmp_p
     d = tmp_path_factory.mktemp("case")
     options = QuantizeOptions(mode="dynamic", precision=overrides) if fmt == "dynamic" else \
         QuantizeOptions(format=fmt, precision=overrides)
-    result = qtool.quantize(path, d / "q.onnx", table=table if fmt != "dynamic" else None, options=options)
+    try:
+        result = qtool.quantize(path, d / "q.onnx", table=table if fmt != "dynamic" else None, options=options)
+    except QtoolError as exc:  # every MatMul/Gemm kept float: dynamic mode has nothing to do
+        assert fmt == "dynamic" and "found nothing to quantize" in str(exc) and not (d / "q.onnx").exists()
+        return
     plan = result.plan
     q = onnx.load(d / "q.onnx")
     contrib = any(n.domain == "com.microsoft" for n in q.graph.node)

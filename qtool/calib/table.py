@@ -17,6 +17,7 @@ running the model again.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,33 @@ class TensorStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorStats":
-        return cls(float(d["min"]), float(d["max"]), int(d["count"]), tuple(map(float, d["range"])),
-                   tuple(d.get("notes", ())), d.get("histogram"))
+        """Parse and check one tensor's statistics: finite numbers, min <= max, lo <= hi.
+        A bad range would silently cost accuracy, so every problem is an error here."""
+        if not isinstance(d, dict):
+            raise ValueError("statistics must be a JSON object")
+        lo_hi = d["range"]
+        if not isinstance(lo_hi, list) or len(lo_hi) != 2:
+            raise ValueError(f"range must be [lo, hi], got {lo_hi!r}")
+        lo, hi = (_finite(v, "range") for v in lo_hi)
+        mn, mx = _finite(d["min"], "min"), _finite(d["max"], "max")
+        if lo > hi or mn > mx:
+            raise ValueError(f"inverted range: range [{lo}, {hi}], min {mn}, max {mx}")
+        count = d["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        hist = d.get("histogram")
+        if hist is not None and not isinstance(hist, dict):
+            raise ValueError("histogram must be an object or null")
+        notes = d.get("notes", [])
+        if not isinstance(notes, list):
+            raise ValueError("notes must be a list")
+        return cls(mn, mx, count, (lo, hi), tuple(str(n) for n in notes), hist)
+
+
+def _finite(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -69,12 +95,27 @@ class CalibrationTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationTable":
+        from ..config import CALIBRATION_METHODS
         if d.get("format") != FORMAT:
             raise TableError("not a qtool calibration table (missing format marker)")
-        if d.get("format_version", 0) > FORMAT_VERSION:
-            raise TableError(f"table format {d['format_version']} is newer than this qtool reads ({FORMAT_VERSION})")
+        version = d.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise TableError(f"format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise TableError(f"table format {version} is newer than this qtool reads ({FORMAT_VERSION})")
+        if d.get("method") not in CALIBRATION_METHODS:
+            raise TableError(f"unknown method {d.get('method')!r} (known: {', '.join(CALIBRATION_METHODS)})")
+        if not isinstance(d.get("tensors"), dict):
+            raise TableError("\"tensors\" must map tensor names to statistics (an object, not a list)")
+        if not isinstance(d.get("params", {}), dict):
+            raise TableError("\"params\" must be an object")
+        tensors = {}
+        for name, stats in d["tensors"].items():
+            try:
+                tensors[name] = TensorStats.from_dict(stats)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TableError(f"tensor {name!r}: {f'missing {exc}' if isinstance(exc, KeyError) else exc}") from None
         try:
-            tensors = {k: TensorStats.from_dict(v) for k, v in d["tensors"].items()}
             return cls(d["model_sha256"], d["method"], dict(d.get("params", {})), int(d["samples"]),
                        int(d["batches"]), tensors, d.get("qtool_version", ""), int(d["format_version"]),
                        tuple(d.get("notes", ())))
