@@ -297,4 +297,5 @@ def _labels(ds: Dataset, labels, limit) -> np.ndarray | None:
     n = ds.num_samples if limit is None else min(limit, ds.num_samples)
     if arr.ndim != 1 or len(arr) < n:
         raise DataError(f"{labels}: expected 1-D labels for {n} samples, got shape {list(arr.shape)}")
-    return arr[:n].astype(np.int64)
+    from .data import integer_labels
+    return integer_labels(arr[:n], f"{labels}")

@@ -7,6 +7,7 @@ import numpy as np
 from . import runtime
 from .config import EvalOptions
 from .data import Dataset
+from .errors import DataError
 from .evaluation import Latency, OutputStats, Report
 
 
@@ -42,6 +43,10 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
             rows_c.append(np.asarray(task.reduce(dict(zip(names, out_c)), batch)))
         if labels is not None:
             y = labels[seen:seen + len(out_r[0])]
+            classes = out_r[0].reshape(len(y), -1).shape[1]
+            if y.size and y.max() >= classes:
+                raise DataError(f"label {int(y.max())} is outside the model's {classes} classes "
+                                f"(output {names[0]!r}); give labels 0..{classes - 1}")
             correct_r += int((out_r[0].reshape(len(y), -1).argmax(1) == y).sum())
             correct_c += int((out_c[0].reshape(len(y), -1).argmax(1) == y).sum())
         seen += len(out_r[0])

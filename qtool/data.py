@@ -181,7 +181,16 @@ class Dataset:
         if not self.has_labels:
             return None
         parts = [b[LABELS_KEY] for b in self.batches(4096, limit, keys=[LABELS_KEY])]
-        return np.concatenate(parts).astype(np.int64)
+        return integer_labels(np.concatenate(parts), f"{self.path}: labels")
+
+
+def integer_labels(arr: np.ndarray, what: str) -> np.ndarray:
+    """Class indices: integers, never negative (a float label would be silently truncated)."""
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{what} must be integer class indices, got dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        raise DataError(f"{what} must be class indices >= 0, found {int(arr.min())}")
+    return arr.astype(np.int64)
 
 
 def check_against_model(dataset: Dataset, inputs: list[InputSpec]) -> None:

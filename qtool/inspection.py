@@ -66,6 +66,10 @@ def concrete_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name for t in m.graph.initializer}
+    inputs = [i.name for i in m.graph.input if i.name not in inits]
+    unknown = [name for name in shapes if name not in inputs]
+    if unknown:
+        raise ValueError(f"--shape {unknown[0]}: the model has no input of that name (inputs: {', '.join(inputs)})")
     used = {}
     for inp in m.graph.input:
         if inp.name in inits:
@@ -75,6 +79,9 @@ def concrete_model(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -
         if given is not None and len(given) != len(dims):
             raise ValueError(f"--shape {inp.name}: rank {len(given)} but the model input has rank {len(dims)}")
         for i, d in enumerate(dims):
+            if given is not None and d.HasField("dim_value") and d.dim_value != given[i]:
+                raise ValueError(f"--shape {inp.name}: dim {i} is fixed at {d.dim_value} in the model, "
+                                 f"not {given[i]}")
             value = given[i] if given is not None else (d.dim_value if d.HasField("dim_value") else 1)
             d.Clear()
             d.dim_value = int(value)

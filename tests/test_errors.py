@@ -153,3 +153,20 @@ def test_killed_writes_leave_recognisable_temporaries_that_the_next_write_remove
     model_io.atomic_write_bytes(tmp_path / "table.json", b"{}")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["table.json", live.name]), names
+
+
+@pytest.mark.parametrize("shape, needle", [("nope:1x1x28x28", "no input of that name"),
+                                           ("input:1x1x28", "rank 3"), ("input:1x3x28x28", "dim 1 is fixed at 1")])
+def test_bad_shape_for_inspect(shape, needle):
+    r = cli("inspect", SAMPLE / "model.onnx", "--shape", shape)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and needle in r.output, r.output
+
+
+@pytest.mark.parametrize("labels, needle", [(np.linspace(0, 9, 64), "integer class indices"),
+                                            (np.arange(64) - 1, ">= 0"), (np.arange(64) + 5, "outside the model's 10")])
+def test_bad_labels(labels, needle, tmp_path):
+    x = np.load(SAMPLE / "eval.npz")["input"][:64]
+    np.savez(tmp_path / "d.npz", input=x, labels=labels)
+    report = tmp_path / "r.json"
+    r = cli("eval", SAMPLE / "model.onnx", SAMPLE / "model.onnx", "--data", tmp_path / "d.npz", "--json", report)
+    assert_user_error(r, report, needle)
