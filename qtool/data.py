@@ -10,6 +10,7 @@ so memory stays flat however many samples a file holds.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -47,10 +48,30 @@ def _read_header(fh) -> tuple[tuple, bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(fh)
 
 
+def _checked_header(zf: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of a member, refusing pickles and headers that promise more data
+    than the member holds (a forged shape would make reads fail or allocate wildly)."""
+    info = zf.getinfo(member)
+    try:
+        with zf.open(member) as fh:
+            shape, _, dtype = _read_header(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: {member} is not a readable .npy array ({str(exc).splitlines()[0][:120]})") from None
+    if dtype.hasobject:
+        raise DataError(f"{path}: {member} holds Python objects (a pickle); qtool reads numeric arrays only")
+    needed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if needed > info.file_size - offset:
+        raise DataError(f"{path}: {member} declares shape {list(shape)} ({needed:,} bytes) but holds "
+                        f"{info.file_size - offset:,} bytes: truncated or forged")
+    return tuple(shape), dtype
+
+
 class _NpyStream:
     """Reads rows of one ``.npy`` member of a zip file sequentially."""
 
     def __init__(self, zf: zipfile.ZipFile, member: str):
+        self.member = member
         self._f = zf.open(member)
         shape, fortran, dtype = _read_header(self._f)
         if dtype.hasobject:
@@ -64,6 +85,14 @@ class _NpyStream:
         self._pos = 0
 
     def read(self, rows: int) -> np.ndarray:
+        """The next ``rows`` rows; a corrupt or short member is a DataError."""
+        try:
+            return self._read(rows)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+            raise DataError(f"{self.member}: corrupt or truncated array data "
+                            f"({str(exc).splitlines()[0][:120]})") from None
+
+    def _read(self, rows: int) -> np.ndarray:
         rows = min(rows, self.shape[0] - self._pos)
         if self._full is not None:
             out = np.ascontiguousarray(self._full[self._pos:self._pos + rows])
@@ -119,8 +148,7 @@ class Dataset:
                 members = _members(zf, f)
                 file_specs = {}
                 for key, member in members.items():
-                    with zf.open(member) as fh:
-                        shape, _, dtype = _read_header(fh)
+                    shape, dtype = _checked_header(zf, member, f)
                     if len(shape) == 0:
                         raise DataError(f"{f}: array {key!r} is a scalar; need a leading batch dimension")
                     file_specs[key] = ArraySpec(key, tuple(shape), dtype)
