@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ def pick_provider(name: str) -> ProviderChoice:
 def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
             optimize: bool = True, optimized_path: str | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 4 if provider != PROVIDERS["cpu"] else 3
+    opts.log_severity_level = 4  # failures come back as exceptions, reported in one line
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -60,7 +61,24 @@ def used_providers(sess: ort.InferenceSession) -> list[str]:
 
 
 def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-    return sess.run(outputs, feeds)
+    """Run; onnxruntime's own failure (it names the node) becomes one ModelError line."""
+    try:
+        return sess.run(outputs, feeds)
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.RuntimeException,
+            ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
+        raise ModelError(f"onnxruntime failed to run the model: {_failure(str(exc))}; check that the data's "
+                         "shapes and values suit the model (e.g. a Reshape with a fixed batch: try "
+                         "--batch-size 1)") from None
+
+
+def _failure(text: str) -> str:
+    """'<Op> node <name>: <what went wrong>' from onnxruntime's message, without its C++ location."""
+    text = " ".join(text.split())
+    where = re.search(r"while running (\S+) node\. Name:'([^']*)'", text)
+    what = text.split("Status Message:", 1)[-1]
+    what = re.sub(r"^\s*\S+\.(?:h|cc):\d+ .*?\) (?:\S+ )*?was false\. ", "", what).strip()
+    head = f"{where.group(1)} node {where.group(2)!r}: " if where else ""
+    return (head + what)[:300]
 
 
 def output_names(sess: ort.InferenceSession) -> list[str]:

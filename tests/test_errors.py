@@ -201,3 +201,21 @@ def test_fuzzed_npz_never_crashes(tmp_path_factory, data):
     r = cli("calibrate", SAMPLE / "model.onnx", "--data", d / "bad.npz", "-o", out)
     assert r.exit_code in (0, 2), r.output
     assert r.exit_code == 0 or (not out.exists() and r.output.startswith("error: "))
+
+
+def test_onnxruntime_failure_names_the_node(tmp_path):
+    """A model that cannot run on the data (a Reshape with the batch baked in): one line naming the node."""
+    from onnx import parser
+    m = parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    r (float[N, 4] x) => (float[M] y) {
+        s = Constant <value = int64[1] {4}> ()
+        y = Reshape (x, s)
+    }
+    """)
+    src = models.save(m, tmp_path / "r.onnx")
+    np.savez(tmp_path / "d.npz", x=np.ones((8, 4), np.float32))
+    out = tmp_path / "t.json"
+    r = cli("calibrate", src, "--data", tmp_path / "d.npz", "-o", out)
+    assert_user_error(r, out, "Reshape node")
+    assert "cannot be reshaped" in r.output and ".cc:" not in r.output and ".h:" not in r.output
