@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from .errors import QtoolError
+from .errors import InternalError
 
 
 def check_quantized(model: onnx.ModelProto) -> None:
@@ -15,4 +15,6 @@ def check_quantized(model: onnx.ModelProto) -> None:
             contrib = any(n.domain == "com.microsoft" for n in model.graph.node)
             onnx.checker.check_model(model, full_check=not contrib)
     except Exception as exc:
-        raise QtoolError(f"internal error: quantized model fails onnx.checker ({str(exc).splitlines()[0][:300]})") from None
+        raise InternalError(f"internal error: the quantized model fails onnx.checker "
+                            f"({str(exc).splitlines()[0][:300]}); please report it with the model "
+                            "(QTOOL_DEBUG=1 shows more)") from None

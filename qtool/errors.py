@@ -31,5 +31,11 @@ class TableError(QtoolError):
     """A calibration table is malformed or belongs to another model."""
 
 
+class InternalError(QtoolError):
+    """qtool's own bug (e.g. it wrote a model onnx's checker rejects): exit 3, not the user's fault."""
+
+    exit_code = 3
+
+
 class PlanError(QtoolError):
     """A saved plan is malformed, belongs to another model, or contradicts itself."""

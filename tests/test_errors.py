@@ -219,3 +219,19 @@ def test_onnxruntime_failure_names_the_node(tmp_path):
     r = cli("calibrate", src, "--data", tmp_path / "d.npz", "-o", out)
     assert_user_error(r, out, "Reshape node")
     assert "cannot be reshaped" in r.output and ".cc:" not in r.output and ".h:" not in r.output
+
+
+def test_a_model_qtool_writes_wrong_is_exit_3(monkeypatch, tmp_path):
+    """onnx's checker rejecting qtool's own output is qtool's bug: exit 3, and no file is written."""
+    from qtool.rewrite import qdq
+    real = qdq.apply
+
+    def broken(model, plan):
+        out = real(model, plan)
+        out.graph.node.reverse()  # no longer topologically sorted
+        return out
+
+    monkeypatch.setattr(qdq, "apply", broken)
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", SAMPLE / "model.onnx", "--data", SAMPLE / "calib.npz", "-o", out)
+    assert r.exit_code == 3 and "fails onnx.checker" in r.output and not out.exists(), r.output
