@@ -162,6 +162,7 @@ def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shap
     opset = view.opset("")
     if opset < 13:
         blockers.append(f"opset {opset} < 13: will be upgraded for per-channel QDQ")
+    blockers += blocked_ops(plan)
     return InspectReport(
         path=path, ir_version=model.ir_version,
         opsets={(i.domain or "ai.onnx"): i.version for i in model.opset_import},
@@ -171,6 +172,13 @@ def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shap
         op_types=dict(Counter(n.op_type for n in view.nodes).most_common()),
         quantizable_nodes=len(plan.quantized_nodes()), nodes=len(plan.nodes),
         blockers=tuple(blockers), shapes_used=used)
+
+
+def blocked_ops(plan) -> list[str]:
+    """One line per op type that people expect quantized but that stays float, with why."""
+    from .planner import BLOCKED
+    counts = Counter(n.op_type for n in plan.nodes if n.op_type in BLOCKED and not n.quantized)
+    return [f"{count} {op} node(s) stay float: {BLOCKED[op]}" for op, count in counts.items()]
 
 
 def _shape_error(msg):

@@ -28,6 +28,22 @@ from .types import PerAxis, PerTensor, Precision, cpu_saturates_u8s8
 
 WBQ_OPS = ("Conv", "ConvTranspose", "Gemm")  # onnxruntime's WeightBiasQuantization targets
 
+#: Ops people expect to be quantized, and why they stay float (inspect lists them as blockers).
+BLOCKED = {
+    "ConvTranspose": "onnxruntime 1.31's CPU EP fuses no QDQ ConvTranspose (checked: DequantizeLinear -> "
+                     "ConvTranspose -> QuantizeLinear stays three nodes in its optimised graph), so int8 would "
+                     "run float between Q/DQ: stays float",
+    "Einsum": "no integer Einsum kernel in onnxruntime; a MatMul-shaped Einsum is not yet rewritten as MatMul: "
+              "stays float",
+    "LSTM": "no QDQ integer LSTM on the CPU EP (onnxruntime's quantize_dynamic rewrites it to the contrib "
+            "DynamicQuantizeLSTM, which qtool does not emit yet): stays float",
+    "GRU": "no integer GRU kernel in onnxruntime: stays float",
+    "RNN": "no integer RNN kernel in onnxruntime: stays float",
+    "If": "control flow: the nodes of its subgraphs are not quantized yet: stays float",
+    "Loop": "control flow: the nodes of its subgraphs are not quantized yet: stays float",
+    "Scan": "control flow: the nodes of its subgraphs are not quantized yet: stays float",
+}
+
 
 def analyse(model: onnx.ModelProto, options: QuantizeOptions, ranges=None) -> tuple[Facts, tuple[str, ...]]:
     """The facts every stage reads, computed once: graph view, float patterns,
@@ -176,6 +192,8 @@ class _Assembly:
         dynamic = ctx.options.mode == "dynamic"
         rule = (dynamic_rules.RULES if dynamic else RULES).get(node.op_type)
         if rule is None:
+            if node.op_type in BLOCKED:
+                return Skip(BLOCKED[node.op_type])
             if dynamic:
                 return Skip("dynamic mode quantizes MatMul/Gemm weights and embedding tables only")
             return Skip(f"no int8 kernel for {node.op_type} on {facts.target.ep}; stays float")

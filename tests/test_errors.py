@@ -235,3 +235,24 @@ def test_a_model_qtool_writes_wrong_is_exit_3(monkeypatch, tmp_path):
     out = tmp_path / "q.onnx"
     r = cli("quantize", SAMPLE / "model.onnx", "--data", SAMPLE / "calib.npz", "-o", out)
     assert r.exit_code == 3 and "fails onnx.checker" in r.output and not out.exists(), r.output
+
+
+def test_blocked_ops_are_named_with_their_reason(tmp_path):
+    """ConvTranspose, Einsum (and LSTM/GRU, control flow): inspect and --explain say why they stay float."""
+    from onnx import parser
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    b (float[N, 4, 8, 8] x) => (float[N, 4, 16, 16] y, float[N, 4] e) {
+        y = ConvTranspose <strides = [2, 2], kernel_shape = [2, 2]> (x, w)
+        e = Einsum <equation = "bchw,bchw->bc"> (x, x)
+    }
+    """
+    src = models.save(models._with_weights(text, {"w": np.random.default_rng(0).normal(size=(4, 4, 2, 2))}),
+                      tmp_path / "b.onnx")
+    r = cli("inspect", src)
+    assert r.exit_code == 0, r.output
+    assert "1 ConvTranspose node(s) stay float: onnxruntime 1.31's CPU EP fuses no QDQ ConvTranspose" in r.output
+    assert "1 Einsum node(s) stay float: no integer Einsum kernel" in r.output
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(4, 4, 8, 8)).astype(np.float32))
+    r = cli("quantize", src, "--data", tmp_path / "d.npz", "-o", tmp_path / "q.onnx", "--explain")
+    assert "fuses no QDQ ConvTranspose" in r.output and "no integer Einsum kernel" in r.output
