@@ -245,7 +245,12 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
     if table is None:
         table = _calibrate_prepared(p, data, calibrate_options, options, on_batch, facts=facts)
     table = _load_table(table, p, options)
-    return _resolved_plan(p, options, table, method, facts), p, table
+    the_plan = _resolved_plan(p, options, table, method, facts)
+    if not the_plan.quantized_nodes():
+        reasons = dict.fromkeys(f"{n.op_type}: {n.reason}" for n in the_plan.nodes)
+        raise QtoolError("nothing to quantize, every node stays float (" + "; ".join(list(reasons)[:3])
+                         + ("; ..." if len(reasons) > 3 else "") + ")")
+    return the_plan, p, table
 
 
 def _saved_plan(model, plan) -> tuple[Plan, Prepared]:

@@ -254,5 +254,7 @@ def test_blocked_ops_are_named_with_their_reason(tmp_path):
     assert "1 ConvTranspose node(s) stay float: onnxruntime 1.31's CPU EP fuses no QDQ ConvTranspose" in r.output
     assert "1 Einsum node(s) stay float: no integer Einsum kernel" in r.output
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(4, 4, 8, 8)).astype(np.float32))
-    r = cli("quantize", src, "--data", tmp_path / "d.npz", "-o", tmp_path / "q.onnx", "--explain")
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", src, "--data", tmp_path / "d.npz", "-o", out)
+    assert_user_error(r, out, "nothing to quantize")
     assert "fuses no QDQ ConvTranspose" in r.output and "no integer Einsum kernel" in r.output

@@ -49,7 +49,7 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
             if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
                 raise DataError(f"tensor {name!r} holds NaN or Inf in batch {index}")
             observers[name].update(value)
-        del values, value  # free this batch's outputs before the next run allocates its own
+        values = value = None  # free this batch's outputs before the next run allocates its own
         n = len(next(iter(feeds.values()))) if feeds else 0
         samples += n
         if on_batch:
