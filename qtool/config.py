@@ -199,13 +199,9 @@ def build(cls, values: dict, section: str):
 
 
 def load_preset(path: str | Path) -> Preset:
+    from .model import read_text_file
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such preset file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    data = read_text_file(p, tomllib.loads, ConfigError, "preset", "valid TOML", (tomllib.TOMLDecodeError,))
     parts = {}
     for section, values in data.items():
         if section not in SECTIONS:

@@ -115,6 +115,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def read_text_file(path: str | os.PathLike, parse, error, kind: str, syntax: str, parse_errors=()):
+    """``parse`` the text of a small input file; a missing, unreadable or unparsable file is
+    ``error`` with one line ("no such <kind> file", "not <syntax> (...)")."""
+    p = Path(path)
+    try:
+        return parse(p.read_text())
+    except FileNotFoundError:
+        raise error(f"{p}: no such {kind} file") from None
+    except (OSError, UnicodeDecodeError, *parse_errors) as exc:
+        raise error(f"{p}: not {syntax} ({exc})") from None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

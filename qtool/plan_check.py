@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PlanError
+from .model import read_text_file
 from .graph import GraphView
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .prepare import Prepared
@@ -27,12 +28,7 @@ TINY = float(np.finfo(np.float32).tiny)
 
 def load_plan(path: str | Path) -> Plan:
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{p}: no such plan file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"{p}: not a JSON plan ({exc})") from None
+    data = read_text_file(p, json.loads, PlanError, "plan", "a JSON plan", (json.JSONDecodeError,))
     try:
         return Plan.from_dict(data)
     except ValueError as exc:
