@@ -108,6 +108,12 @@ class QuantizeOptions:
         if wide and (self.mode == "dynamic" or self.format == "qoperator"):
             raise ConfigError(f"16-bit activations ({wide[0]}) exist only as QDQ: use --format qdq in static mode")
 
+    @property
+    def activation_precision(self):
+        """``activation_type`` as a :class:`qtool.types.Precision`."""
+        from .types import Precision
+        return Precision.parse(self.activation_type)
+
     def overrides(self) -> list[tuple[str, object]]:
         """(name or op type, precision) pairs: ``exclude`` first, then ``precision`` in order."""
         from .types import NODE_PRECISIONS, Precision

@@ -226,7 +226,7 @@ class _Assembly:
             return next(p for n, _, p in self.decided if self.ctx.node_key(n) == self.fused[name])
         if name in self.facts.overrides:
             return self.facts.overrides[name]
-        return Precision.parse(self.facts.options.activation_type)
+        return self.facts.options.activation_precision
 
     # -- tensors -----------------------------------------------------------------
     def _record_inputs(self, node, decision: NodeRule, precision: Precision) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import onnx
 
-from ..types import Precision
 from .base import Context, NodeRule, Share, Skip, Weight
 
 MOVEMENT_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Slice",
@@ -37,7 +36,7 @@ def gather(node: onnx.NodeProto, ctx: Context):
         return Skip("not a 2-D float embedding table")
     if ctx.is_model_output(node.output[0]):
         return Skip("output is a model output and stays float")
-    table_type = ctx.override(node) or Precision.parse(ctx.options.activation_type)
+    table_type = ctx.override(node) or ctx.options.activation_precision
     if not table_type.is_integer or table_type.bits != 8:
         return Skip(f"{table_type.label} embedding table: tables are int8 or uint8 only")
     return NodeRule({0: Weight(None, table_type, symmetric=False, matmul=False)}, Share(0),
