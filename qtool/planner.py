@@ -115,6 +115,14 @@ def plan(facts: Facts, notes: tuple[str, ...] = ()) -> Plan:
     return Plan(assembly.tensors, nodes, notes, options.mode, options.format, facts.target)
 
 
+def _not_float32(tensor: str, elem_type: int | None) -> str:
+    if elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+        kind = "fp16" if elem_type == onnx.TensorProto.FLOAT16 else "bf16"
+        return (f"input {tensor} is {kind}: qtool quantizes float32 graphs only so far; convert the model to "
+                "fp32 first, or keep it as it is")
+    return f"input {tensor} is not float32 (or its type is unknown)"
+
+
 def _weight_precision(weight_type: str, saturates: bool, act: Precision, op_type: str) -> Precision:
     """``auto``: int8, except Conv weights where onnxruntime's u8 x s8 kernels would
     saturate (x86-64 without VNNI): uint8 there, run by exact u8 x u8 kernels,
@@ -202,7 +210,7 @@ class _Assembly:
             for index, spec in decision.inputs.items():
                 tensor = node.input[index]
                 if isinstance(spec, Act) and not ctx.view.is_float(tensor) and not ctx.is_int8_capable(tensor):
-                    return Skip(f"input {tensor} is not float32 (or its type is unknown)")
+                    return Skip(_not_float32(tensor, ctx.view.elem_type(tensor)))
             mixed = self._mixed(node, decision)
             if mixed and ctx.options.format == "qoperator":
                 return Skip(f"QOperator kernels take one 8-bit type for inputs and output: {mixed}")
