@@ -117,3 +117,45 @@ def test_concat_of_mismatched_ranges_stays_float(tmp_path):
     plan = qtool.quantize(src, tmp_path / "q.onnx", data=tmp_path / "c.npz").plan
     concat = next(n for n in plan.nodes if n.op_type == "Concat")
     assert not concat.quantized and "ranges differ" in concat.reason
+
+
+def if_model():
+    """Conv -> Relu -> Flatten, then an If whose branches read the outer 'f' and outer initializers."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    branch = [helper.make_graph([helper.make_node("MatMul", ["f", w], [y])], y, [],
+                                [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 5])])
+              for w, y in (("wa", "yt"), ("wb", "ye"))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], axis=1, name="flat"),
+             helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+             helper.make_node("Greater", ["m", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch[0], else_branch=branch[1], name="if")]
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in
+             {"w1": rng.normal(size=(4, 3, 3, 3)), "wa": rng.normal(size=(256, 5)), "wb": rng.normal(size=(256, 5)),
+              "zero": np.float32(0)}.items()]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_subgraphs_stay_valid(fmt, tmp_path):
+    """Regression: initializers read only inside an If branch were dropped (checker failure, exit 3)."""
+    from qtool.config import QuantizeOptions
+    m = if_model()
+    src = tmp_path / "if.onnx"
+    onnx.save(m, src)
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    result = qtool.quantize(src, out, data=tmp_path / "c.npz", options=QuantizeOptions(format=fmt))
+    assert result.plan.node("conv").quantized and "control flow" in result.plan.node("if").reason
+    q = onnx.load(out)
+    onnx.checker.check_model(q)
+    assert {"wa", "wb"} <= {t.name for t in q.graph.initializer}
+    x = {"x": rng.normal(size=(4, 3, 8, 8)).astype(np.float32)}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()

@@ -39,6 +39,25 @@ def tensor_shape(vi: onnx.ValueInfoProto) -> tuple | None:
     return tuple(dims)
 
 
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names that ``node``'s subgraphs (If/Loop/Scan bodies) read implicitly."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                reads.update(i for i in list(n.input) + sorted(subgraph_reads(n)) if i and i not in local)
+                local.update(n.output)
+            reads.update(o.name for o in g.output if o.name not in local)
+    return reads
+
+
+def reads_of(nodes) -> set[str]:
+    """Every name the nodes read, explicitly or from inside their subgraphs."""
+    return {i for n in nodes for i in list(n.input) + sorted(subgraph_reads(n)) if i}
+
+
 class GraphView:
     """Lookup tables over ``model.graph`` (the main graph; subgraphs are opaque)."""
 
@@ -64,7 +83,7 @@ class GraphView:
     def consumers(self) -> dict[str, list[onnx.NodeProto]]:
         table: dict[str, list[onnx.NodeProto]] = {}
         for n in self.nodes:
-            for name in set(i for i in n.input if i):
+            for name in set(i for i in n.input if i) | subgraph_reads(n):
                 table.setdefault(name, []).append(n)
         return table
 

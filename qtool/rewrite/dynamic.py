@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ..graph import GraphView
+from ..graph import GraphView, reads_of
 from ..plans import Action, Plan
 from ..resolve import stored_weight
 from ..rules.dynamic import KERNEL, SHARED_KERNEL
@@ -62,7 +62,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(new_inits)
-    used = {i for n in out.graph.node for i in n.input}
+    used = reads_of(out.graph.node)
     keep = [t for t in out.graph.initializer if t.name in used]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph import GraphView
+from ..graph import GraphView, reads_of
 from ..plans import Action, Plan, Role, TensorPlan
 from ..resolve import stored_weight
 from ..types import MS_DOMAIN
@@ -73,7 +73,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         for i, name in enumerate(node.input):
             if name in b.renames and name not in keep:
                 node.input[i] = b.renames[name]
-    used = {i for n in list(head) + body for i in n.input}
+    used = reads_of(list(head) + body)  # subgraphs (If/Loop bodies) read outer initializers by name
     outputs = {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in used or t.name in outputs]
     removed = {t.name for t in graph.initializer} - {t.name for t in kept}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ..graph import GraphView
+from ..graph import GraphView, reads_of
 from ..plans import Action, Plan, Role
 from ..resolve import stored_weight
 from .names import Names
@@ -118,7 +118,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(r.nodes)
     out.graph.initializer.extend(r.inits)
-    used = {i for n in out.graph.node for i in n.input}
+    used = reads_of(out.graph.node)
     keep = [t for t in out.graph.initializer if t.name in used]
     removed = {t.name for t in out.graph.initializer} - {t.name for t in keep}
     del out.graph.initializer[:]
