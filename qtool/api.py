@@ -168,12 +168,12 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
     ds = open_data(data, p.model)
     tensors = calibration_tensors((facts or analyse(p.model, quantize_options))[0])
     batch_size = _batch_size(p.model, options.batch_size)
-    observers, samples, batches = collect(p.model, tensors, ds.batches(batch_size, options.limit),
-                                          lambda: make_observer(options), on_batch, threads)
+    observers, samples, batches, run_notes = collect(p.model, tensors, ds.batches(batch_size, options.limit),
+                                                     lambda: make_observer(options), on_batch, threads)
     stats = {name: finish(obs, options) for name, obs in observers.items()}
     params = dict(_method_params(options), preprocess=quantize_options.preprocess)
     return CalibrationTable(p.sha256, options.method, params, samples, batches, stats,
-                            __version__, notes=p.notes)
+                            __version__, notes=p.notes + run_notes)
 
 
 def _method_params(o: CalibrateOptions) -> dict:

@@ -67,8 +67,7 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], outputs: list[
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.RuntimeException,
             ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
         raise ModelError(f"onnxruntime failed to run the model: {_failure(str(exc))}; check that the data's "
-                         "shapes and values suit the model (e.g. a Reshape with a fixed batch: try "
-                         "--batch-size 1)") from None
+                         "shapes and values suit the model") from None
 
 
 def _failure(text: str) -> str:

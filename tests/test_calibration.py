@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import models
+import onnx
 import qtool
 from qtool.calib.merge import merge_tables
 from qtool.calib.table import CalibrationTable
@@ -131,3 +132,27 @@ def test_cli_method_options(dyn, tmp_path):
     assert d["params"]["percentile"] == 99.9 and d["params"]["bins"] == 512 and d["params"]["symmetric"]
     lo, hi = d["tensors"]["x"]["range"]
     assert lo == -hi
+
+
+def test_model_with_a_batch_of_one_fixed_inside_is_calibrated_sample_by_sample(tmp_path):
+    """A Reshape that bakes in batch 1 (common in exports): calibration runs one sample at a
+    time, says so, and the statistics equal those of one batch per sample."""
+    from onnx import parser
+    m = parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    r (float[N, 4] x) => (float[1, 4] y) {
+        s = Constant <value = int64[2] {1, 4}> ()
+        h = Reshape (x, s)
+        y = MatMul (h, w)
+    }
+    """)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(
+        np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), "w"))
+    path = models.save(m, tmp_path / "r.onnx")
+    x = np.random.default_rng(1).normal(size=(10, 4)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    table = qtool.calibrate(path, tmp_path / "d.npz", CalibrateOptions(batch_size=4))
+    assert any("one sample at a time" in n for n in table.notes)
+    one = qtool.calibrate(path, tmp_path / "d.npz", CalibrateOptions(batch_size=1))
+    assert table.samples == one.samples == 10
+    assert {k: (v.min, v.max) for k, v in table.tensors.items()} == {k: (v.min, v.max) for k, v in one.tensors.items()}

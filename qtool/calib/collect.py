@@ -30,10 +30,10 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
             make_observer: Callable[[], object], on_batch: Callable[[int], None] | None = None,
-            threads: int | None = None) -> tuple[dict[str, object], int, int]:
+            threads: int | None = None) -> tuple[dict[str, object], int, int, tuple[str, ...]]:
     """Run every batch and update one observer per tensor.
 
-    Returns (observers, samples, batches). NaN/Inf in an input or in a collected
+    Returns (observers, samples, batches, notes). NaN/Inf in an input or in a collected
     tensor is a DataError naming the tensor and the batch.
     """
     from ..data import check_finite
@@ -41,19 +41,46 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
     input_names = {i.name for i in sess.get_inputs()}
     observers = {name: make_observer() for name in tensors}
     samples = index = 0
+    single = False  # the model only runs one sample at a time (a batch of 1 fixed inside it)
     for index, batch in enumerate(batches):
         feeds = {k: v for k, v in batch.items() if k in input_names}
         check_finite(feeds, index)
-        values = runtime.run(sess, feeds, tensors)
-        for name, value in zip(tensors, values):
-            if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
-                raise DataError(f"tensor {name!r} holds NaN or Inf in batch {index}")
-            observers[name].update(value)
-        values = value = None  # free this batch's outputs before the next run allocates its own
         n = len(next(iter(feeds.values()))) if feeds else 0
+        for part in _parts(sess, feeds, tensors, n, single):
+            if part is None:
+                single = True
+                continue
+            for name, value in zip(tensors, part):
+                if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
+                    raise DataError(f"tensor {name!r} holds NaN or Inf in batch {index}")
+                observers[name].update(value)
+            part = value = None  # free this batch's outputs before the next run allocates its own
         samples += n
         if on_batch:
             on_batch(n)
     if samples == 0:
         raise DataError("calibration data is empty (0 samples)")
-    return observers, samples, index + 1
+    notes = ("the model fails on batches of several samples but runs one (a batch of 1 fixed inside it): "
+             "calibrated one sample at a time",) if single else ()
+    return observers, samples, index + 1, notes
+
+
+def _parts(sess, feeds: dict, tensors: list[str], n: int, single: bool):
+    """The batch's outputs, or, where the model fails on a batch but runs one sample (a batch
+    of 1 fixed inside it, e.g. by a Reshape), None and then the outputs sample by sample.
+    Statistics are the same either way: observers fold any split of the data exactly."""
+    from ..errors import ModelError
+    if not single:
+        try:
+            yield runtime.run(sess, feeds, tensors)
+            return
+        except ModelError:
+            if n <= 1:
+                raise
+            yield runtime.run(sess, {k: v[:1] for k, v in feeds.items()}, tensors)  # fails again: not batching
+            yield None
+            start = 1
+    else:
+        start = 0
+    for i in range(start, n):
+        yield runtime.run(sess, {k: v[i:i + 1] for k, v in feeds.items()}, tensors)
