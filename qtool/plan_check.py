@@ -19,7 +19,7 @@ from .graph import GraphView
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .prepare import Prepared
 from .qparams import bias_scale
-from .resolve import QDQ_16BIT_OPSET, int8_output, kernels_for, as_array, share_root, stored_weight
+from .resolve import QDQ_16BIT_OPSET, int8_output, kernels_for, as_array, share_root
 from .rules.dynamic import KERNEL as DYNAMIC_KERNEL, SHARED_KERNEL
 from .types import MS_DOMAIN, PerAxis, PerTensor, Precision
 
@@ -79,9 +79,12 @@ def _quantized_uses(plan: Plan, view: GraphView) -> set[str]:
             used.update(n.inputs)
             used.update(o for o in node.output if o)
             used.update(i for i in node.input if i in plan.tensors and plan.tensors[i].role is Role.BIAS)
-    for t in plan.tensors.values():  # a share's source chain is used through it
-        if t.action is Action.SHARE and t.name in used and t.source:
+    for name in list(used):  # a share's whole source chain is used through it
+        t, seen = plan.tensors.get(name), set()
+        while t is not None and t.action is Action.SHARE and t.source and t.source not in seen:
+            seen.add(t.source)
             used.add(t.source)
+            t = plan.tensors.get(t.source)
     return used
 
 
@@ -202,7 +205,9 @@ def _check_values(what: str, t: TensorPlan, scale: np.ndarray, zp: np.ndarray, v
         return
     if not isinstance(t.granularity, PerAxis) or t.role is Role.ACTIVATION:
         _fail(what, f"granularity {t.granularity} is not supported for a {t.role.value}")
-    shape = stored_weight(t, view).shape if t.role is Role.WEIGHT else tuple(view.initializers[t.name].dims)
+    shape = tuple(view.initializers[t.name].dims)  # the header: no need to decode the weight itself
+    if t.role is Role.WEIGHT and t.transpose:
+        shape = shape[::-1]
     axis = t.granularity.axis
     if not -len(shape) <= axis < len(shape):
         _fail(what, f"axis {axis} is out of range for shape {list(shape)}")

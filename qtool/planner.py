@@ -165,6 +165,7 @@ class _Assembly:
     quantized: dict[str, str] = field(default_factory=dict)
     optional: dict[str, str] = field(default_factory=dict)
     fused: dict[str, str] = field(default_factory=dict)  # absorbed node -> absorbing node
+    precisions: dict[str, Precision] = field(default_factory=dict)  # node -> its decided precision
     reduced: bool = False
 
     def run(self) -> None:
@@ -175,6 +176,7 @@ class _Assembly:
             decision = self._decide(node)
             if isinstance(decision, Skip):
                 self.decided.append((node, decision, Precision.FLOAT))
+                self.precisions[view.node_name(node)] = Precision.FLOAT
                 continue
             precision = self._precision(node)
             if decision.fuses:
@@ -182,6 +184,7 @@ class _Assembly:
             self._record_inputs(node, decision, precision)
             self._record_output(node, decision, precision)
             self.decided.append((node, decision, precision))
+            self.precisions[view.node_name(node)] = precision
         for out, producer in self.optional.items():
             self.tensors[out] = TensorPlan(out, Role.ACTIVATION, Action.SKIP,
                                            f"output of {producer}: float (no quantized consumer; int8 kernel with "
@@ -231,7 +234,7 @@ class _Assembly:
         fused Relu), the user's override, or the options' activation type."""
         name = self.ctx.node_key(node)
         if name in self.fused:  # one kernel, one output type
-            return next(p for n, _, p in self.decided if self.ctx.node_key(n) == self.fused[name])
+            return self.precisions[self.fused[name]]
         if name in self.facts.overrides:
             return self.facts.overrides[name]
         return self.facts.options.activation_precision

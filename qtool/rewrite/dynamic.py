@@ -28,7 +28,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     out = qdq.apply(model, rest)
     names = Names(out)
     view = GraphView(out)
-    folded = {n.name for n in plan.nodes if n.fused_into in kernels}
+    folded_into = {n.fused_into: n.name for n in plan.nodes if n.fused_into in kernels}  # kernel -> its bias Add
     new_inits: list = []
     replaced: dict[str, list] = {}
     quantized_inputs: dict[str, list[str]] = {}
@@ -43,8 +43,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             quantized_inputs[a] = [names.fresh(f"{a}_{s}") for s in ("quantized", "scale", "zero_point")]
             prefix = [helper.make_node("DynamicQuantizeLinear", [a], quantized_inputs[a],
                                        name=names.fresh(f"{a}_DynamicQuantizeLinear"))]
-        bias_node = next((view.by_name[n.name] for n in plan.nodes if n.fused_into == key), None)
-        output = bias_node.output[0] if bias_node is not None else node.output[0]
+        output = view.by_name[folded_into[key]].output[0] if key in folded_into else node.output[0]
         weight = plan.tensors[node.input[1]]
         q, scale, zp = quantize_weight(stored_weight(weight, source), weight)
         q_name, s_name, z_name = (names.fresh(f"{weight.name}_{suffix}") for suffix in ("quantized", "scale", "zero_point"))
@@ -57,6 +56,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             inputs = [a, q_name, s_name, z_name] + bias
         replaced[key] = prefix + [helper.make_node(decided.kernel, inputs, [output], domain=qdq.MS_DOMAIN,
                                                    name=names.fresh(f"{key}_dynamic"))]
+    folded = set(folded_into.values())
     nodes = [m for n in view.nodes if view.node_name(n) not in folded
              for m in replaced.get(view.node_name(n), [n])]
     del out.graph.node[:]
