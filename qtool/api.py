@@ -218,6 +218,9 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
     else:
         the_plan, p, table = _plan_for(model, table, data, options, calibrate_options, method, on_batch)
     result = _rewriter(the_plan).apply(p.model, the_plan)
+    if p.half is not None:
+        from .preprocess.half import restore_storage
+        result, _ = restore_storage(result, p.half)
     check_quantized(result)
     model_io.save(result, out, external_data=options.external_data)
     return QuantizeResult(out, the_plan, table if the_plan.mode == "static" else None, p.notes)

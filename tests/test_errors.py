@@ -258,18 +258,3 @@ def test_blocked_ops_are_named_with_their_reason(tmp_path):
     r = cli("quantize", src, "--data", tmp_path / "d.npz", "-o", out)
     assert_user_error(r, out, "nothing to quantize")
     assert "fuses no QDQ ConvTranspose" in r.output and "no integer Einsum kernel" in r.output
-
-
-def test_fp16_model_is_refused_with_the_reason(tmp_path):
-    """Not yet quantized (issue 9): inspect, calibrate and quantize agree, and say why, without a crash."""
-    from onnx import TensorProto, numpy_helper
-    m = models.small_cnn()
-    for t in m.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-    for vi in list(m.graph.input) + list(m.graph.output):
-        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
-    src = models.save(m, tmp_path / "f16.onnx")
-    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float16))
-    assert "quantizable 0 of" in cli("inspect", src).output
-    out = tmp_path / "q.onnx"
-    assert_user_error(cli("quantize", src, "--data", tmp_path / "d.npz", "-o", out), out, "input x is fp16")

@@ -257,6 +257,11 @@ def _merge_pads(conv, extra: list[int], new_input: str) -> None:
     conv.input[0] = new_input
 
 
+def upcast_half(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    from .half import upcast
+    return upcast(model)
+
+
 def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     return model_io.ensure_opset(model)
 
@@ -276,9 +281,10 @@ ALL_PASSES = (upgrade_opset, constants_to_initializers, fold_constants, fold_bat
 
 
 def run_all(model: onnx.ModelProto, enabled: bool = True) -> PassResult:
-    """Opset upgrade always (QDQ needs 13); the rest only when ``enabled``; shapes last."""
+    """fp16/bf16 upcast and opset upgrade always (QDQ needs 13); the rest only when
+    ``enabled``; shapes last."""
     notes = []
-    for p in ALL_PASSES if enabled else (upgrade_opset,):
+    for p in (upcast_half,) + (ALL_PASSES if enabled else (upgrade_opset,)):
         model, note = p(model)
         if note:
             notes.append(note)
