@@ -31,9 +31,11 @@ WBQ_OPS = ("Conv", "ConvTranspose", "Gemm")  # onnxruntime's WeightBiasQuantizat
 #: Ops people expect to be quantized, and why they stay float (inspect lists them as blockers).
 BLOCKED = {
     "ConvTranspose": "onnxruntime 1.31's CPU EP fuses no QDQ ConvTranspose (checked: DequantizeLinear -> "
-                     "ConvTranspose -> QuantizeLinear stays three nodes in its optimised graph), so int8 would "
-                     "run float between Q/DQ: stays float",
-    "Einsum": "no integer Einsum kernel in onnxruntime; a MatMul-shaped Einsum is not yet rewritten as MatMul: "
+                     "ConvTranspose -> QuantizeLinear stays three nodes in its optimised graph) and its CPU build "
+                     "registers no com.microsoft QLinearConvTranspose, so int8 would run float between Q/DQ: "
+                     "stays float",
+    "Einsum": "no integer Einsum kernel in onnxruntime, and this Einsum is not MatMul-shaped (pre-processing "
+              "rewrites two-operand Einsums with batch, row, column and one contracted letter as MatMul): "
               "stays float",
     "LSTM": "no QDQ integer LSTM on the CPU EP (onnxruntime's quantize_dynamic rewrites it to the contrib "
             "DynamicQuantizeLSTM, which qtool does not emit yet): stays float",

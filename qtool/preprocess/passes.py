@@ -9,7 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import model as model_io
-from ..graph import GraphView, infer_shapes
+from ..graph import GraphView, infer_shapes, reads_of
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,7 @@ def _evaluate(evaluator, node, values, m) -> list | None:
 
 
 def _drop_unused_initializers(m: onnx.ModelProto) -> None:
-    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-    for sub in (n for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
-        used |= {i for a in sub.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node for i in n.input}
+    used = reads_of(m.graph.node) | {o.name for o in m.graph.output}  # subgraphs read outer names too
     keep = [t for t in m.graph.initializer if t.name in used]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
@@ -262,6 +260,11 @@ def upcast_half(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     return upcast(model)
 
 
+def einsum_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    from .einsum import rewrite_einsum
+    return rewrite_einsum(model)
+
+
 def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     return model_io.ensure_opset(model)
 
@@ -277,7 +280,7 @@ def shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     return inferred, note
 
 
-ALL_PASSES = (upgrade_opset, constants_to_initializers, fold_constants, fold_batchnorm, fold_pad_into_conv)
+ALL_PASSES = (upgrade_opset, constants_to_initializers, einsum_as_matmul, fold_constants, fold_batchnorm, fold_pad_into_conv)
 
 
 def run_all(model: onnx.ModelProto, enabled: bool = True) -> PassResult:
