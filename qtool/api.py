@@ -31,8 +31,11 @@ def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None)
     p = prepare(model)
     raw = model_io.load(model, load_external=False)
     size = _size_on_disk(model, raw)
+    from dataclasses import replace
+    from .subgraphs import body_plans
     facts, notes = analyse(p.model, QuantizeOptions())
-    return inspect_model(raw, str(model), size, make_plan(facts), shapes, p.notes + notes, p.model)
+    the_plan = replace(make_plan(facts), subgraphs=body_plans(p.model, QuantizeOptions()))
+    return inspect_model(raw, str(model), size, the_plan, shapes, p.notes + notes, p.model)
 
 
 def _size_on_disk(path, m=None) -> int:
@@ -74,11 +77,13 @@ def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
          options: QuantizeOptions = QuantizeOptions(), method: str | None = None) -> Plan:
     """The quantization plan. Without a table (static mode): decisions only; with
     a table, or in dynamic mode, resolved: every scale, zero point and kernel."""
+    from dataclasses import replace
     from .planner import analyse, plan as make_plan
     p = prepare(model, options.preprocess)
     if table is None and options.mode == "static":
+        from .subgraphs import body_plans
         facts, notes = analyse(p.model, options)
-        return _tie(make_plan(facts, p.notes + notes), p, options)
+        return _tie(replace(make_plan(facts, p.notes + notes), subgraphs=body_plans(p.model, options)), p, options)
     return _resolved_plan(p, options, table and _load_table(table, p, options), method)
 
 
@@ -99,8 +104,10 @@ def _resolved_plan(p: Prepared, options: QuantizeOptions, table: CalibrationTabl
         facts, notes = analyse(p.model, options, ranges.base)
     else:
         facts, notes = replace(facts[0], ranges=ranges.base), facts[1]
+    from .subgraphs import body_plans
     decided = make_plan(facts, p.notes + notes)
-    return _tie(resolve(decided, facts.view, ranges), p, options)
+    resolved = replace(resolve(decided, facts.view, ranges), subgraphs=body_plans(p.model, options, ranges))
+    return _tie(resolved, p, options)
 
 
 def _load_table(table, p: Prepared, options: QuantizeOptions) -> CalibrationTable:
@@ -165,11 +172,17 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
     from .calib.methods import finish
     from .calib.observers import make_observer
     from .planner import analyse, calibration_tensors
+    from .subgraphs import calibration_plan, expose
     ds = open_data(data, p.model)
-    tensors = calibration_tensors((facts or analyse(p.model, quantize_options))[0])
+    facts = (facts or analyse(p.model, quantize_options))[0]
+    tensors = calibration_tensors(facts)
+    outer, inner = calibration_plan(p.model, quantize_options, facts.view)
+    tensors += [t for t in outer if t not in tensors]
+    run_model, fetch = expose(p.model, inner)
+    tensors += [t for t in fetch if t not in tensors]
     batch_size = _batch_size(p.model, options.batch_size)
-    observers, samples, batches, run_notes = collect(p.model, tensors, ds.batches(batch_size, options.limit),
-                                                     lambda: make_observer(options), on_batch, threads)
+    observers, samples, batches, run_notes = collect(run_model, tensors, ds.batches(batch_size, options.limit),
+                                                     lambda: make_observer(options), on_batch, threads, fetch)
     stats = {name: finish(obs, options) for name, obs in observers.items()}
     params = dict(_method_params(options), preprocess=quantize_options.preprocess)
     return CalibrationTable(p.sha256, options.method, params, samples, batches, stats,
@@ -217,13 +230,34 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
         the_plan, p = _saved_plan(model, plan)
     else:
         the_plan, p, table = _plan_for(model, table, data, options, calibrate_options, method, on_batch)
-    result = _rewriter(the_plan).apply(p.model, the_plan)
+    result = _apply(the_plan, p.model)
     if p.half is not None:
         from .preprocess.half import restore_storage
         result, _ = restore_storage(result, p.half)
-    check_quantized(result)
-    model_io.save(result, out, external_data=options.external_data)
+    if model_io.by_path(result):  # weights still on disk, or over 2 GiB: written first, checked by path
+        model_io.save(result, out, external_data=options.external_data,
+                      check=lambda path: check_quantized(result, path))
+    else:
+        check_quantized(result)
+        model_io.save(result, out, external_data=options.external_data)
     return QuantizeResult(out, the_plan, table if the_plan.mode == "static" else None, p.notes)
+
+
+def _apply(the_plan: Plan, model):
+    """Rewrite each subgraph with its own plan, then the main graph."""
+    rewriter = _rewriter(the_plan)
+    if any(sub.quantized_nodes() for sub in the_plan.subgraphs.values()):
+        import onnx
+        from .subgraphs import all_names, bodies, lift, put_back
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        used = all_names(m)
+        for b in bodies(m):
+            sub = the_plan.subgraphs.get(b.key)
+            if sub is not None and sub.quantized_nodes():
+                put_back(m, b, rewriter.apply(lift(m, b), sub), used)
+        model = m
+    return rewriter.apply(model, the_plan)
 
 
 def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: CalibrateOptions, method,
@@ -237,7 +271,7 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
     facts = analyse(p.model, options)
     if options.mode == "dynamic":
         the_plan = _resolved_plan(p, options, None, None, facts)
-        if not any(n.kernel for n in the_plan.quantized_nodes()):
+        if not any(n.kernel for n in the_plan.all_quantized_nodes()):
             raise QtoolError("--mode dynamic found nothing to quantize (it quantizes MatMul/Gemm weights and "
                              "embedding tables; none here qualifies, see --explain reasons via static mode): "
                              "quantize in static mode (--table or --data)")
@@ -249,8 +283,8 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
         table = _calibrate_prepared(p, data, calibrate_options, options, on_batch, facts=facts)
     table = _load_table(table, p, options)
     the_plan = _resolved_plan(p, options, table, method, facts)
-    if not the_plan.quantized_nodes():
-        reasons = dict.fromkeys(f"{n.op_type}: {n.reason}" for n in the_plan.nodes)
+    if not the_plan.all_quantized_nodes():
+        reasons = dict.fromkeys(f"{n.op_type}: {n.reason}" for n in the_plan.all_nodes())
         raise QtoolError("nothing to quantize, every node stays float (" + "; ".join(list(reasons)[:3])
                          + ("; ..." if len(reasons) > 3 else "") + ")")
     return the_plan, p, table

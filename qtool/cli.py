@@ -227,8 +227,8 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
         click.echo(result.plan.explain())
     if save_plan:
         atomic_write_text(save_plan, result.plan.to_json())
-    n = len(result.plan.quantized_nodes())
-    click.echo(f"wrote {output}: {n} of {len(result.plan.nodes)} nodes quantized")
+    n = len(result.plan.all_quantized_nodes())
+    click.echo(f"wrote {output}: {n} of {len(result.plan.all_nodes())} nodes quantized")
 
 
 @main.command(name="eval")

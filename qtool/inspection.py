@@ -170,15 +170,19 @@ def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shap
         inputs=io_info(view, view.graph_inputs), outputs=io_info(view, [o.name for o in view.graph.output]),
         parameters=count_parameters(view), size_bytes=size_bytes, macs=macs_per_op(fixed_view),
         op_types=dict(Counter(n.op_type for n in view.nodes).most_common()),
-        quantizable_nodes=len(plan.quantized_nodes()), nodes=len(plan.nodes),
+        quantizable_nodes=len(plan.all_quantized_nodes()), nodes=len(plan.all_nodes()),
         blockers=tuple(blockers), shapes_used=used)
 
 
 def blocked_ops(plan) -> list[str]:
     """One line per op type that people expect quantized but that stays float, with why."""
     from .planner import BLOCKED
-    counts = Counter(n.op_type for n in plan.nodes if n.op_type in BLOCKED and not n.quantized)
-    return [f"{count} {op} node(s) stay float: {BLOCKED[op]}" for op, count in counts.items()]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for n in plan.all_nodes():
+        if n.op_type in BLOCKED and not n.quantized:
+            groups.setdefault((n.op_type, n.reason), []).append(n.name)
+    return [f"{len(names)} {op} node(s) stay float ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
+            f"{reason}" for (op, reason), names in groups.items()]
 
 
 def _shape_error(msg):

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .errors import ModelError, OutputError
 
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB limit
+#: A model with external data bigger than this (file + data) is loaded without its weights: they
+#: stay on disk, read one tensor at a time, and every onnx/onnxruntime call goes by path (see
+#: :func:`by_path`). Tests lower it to run that path on small models.
+LARGE_MODEL_BYTES = EXTERNAL_DATA_THRESHOLD
 
 
 def load(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model, or raise ModelError naming the file and the problem."""
+    """Read an ONNX model, or raise ModelError naming the file and the problem.
+
+    A model over :data:`LARGE_MODEL_BYTES` with external data keeps its weights on disk:
+    its tensors name their data file by absolute path, :func:`tensor_array` reads them one
+    at a time, and :func:`temp_model_file` writes the graph back with relative paths for
+    onnx and onnxruntime."""
     p = Path(path)
     if not p.exists():
         raise ModelError(f"{p}: no such file")
@@ -25,12 +37,196 @@ def load(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto
     if p.stat().st_size == 0:
         raise ModelError(f"{p}: empty file, not an ONNX model")
     try:
-        model = onnx.load(str(p), load_external_data=load_external)
+        model = onnx.load(str(p), load_external_data=False)
+        if load_external and has_external_data(model):
+            if p.stat().st_size + external_bytes(model) > LARGE_MODEL_BYTES:
+                _locate_external_data(model, p)
+            else:
+                from onnx.external_data_helper import load_external_data_for_model
+                load_external_data_for_model(model, str(p.parent))
+    except ModelError:
+        raise
     except Exception as exc:  # protobuf raises DecodeError, others on truncation
         raise ModelError(f"{p}: not a readable ONNX model ({_short(exc)})") from None
     if not model.graph.node and not model.graph.input:
         raise ModelError(f"{p}: not an ONNX model (no graph found)")
     return model
+
+
+# -- models whose weights stay on disk ---------------------------------------------------
+
+def all_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of ``graph``: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from all_tensors(a.g)
+            for g in a.graphs:
+                yield from all_tensors(g)
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external_info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(is_external(t) for t in all_tensors(model.graph))
+
+
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the model's tensors keep in external data files (from their lengths, else their shapes)."""
+    total = 0
+    for t in all_tensors(model.graph):
+        if is_external(t):
+            length = _external_info(t).get("length")
+            total += int(length) if length else _nbytes(t)
+    return total
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:
+        itemsize = 4
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize
+
+
+def _locate_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Point every external tensor at its data file by absolute path, after checking that the
+    file exists and holds the tensor's bytes."""
+    folder = path.resolve().parent
+    for t in all_tensors(model.graph):
+        if not is_external(t):
+            continue
+        info = _external_info(t)
+        loc = info.get("location", "")
+        target = (folder / loc).resolve()
+        if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts:
+            raise ModelError(f"{path}: tensor {t.name!r} names its external data {loc!r}, not a file beside the model")
+        end = int(info.get("offset") or 0) + int(info.get("length") or _nbytes(t))
+        if not target.is_file() or target.stat().st_size < end:
+            raise ModelError(f"{path}: external data {loc!r} of tensor {t.name!r} is missing or shorter than "
+                             f"{end:,} bytes; keep the .data file beside the model")
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = str(target)
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """The tensor's value, read from its data file when the weights stay on disk
+    (never loaded into ``t``)."""
+    from onnx import numpy_helper
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    info = _external_info(t)
+    loc, offset = info["location"], int(info.get("offset") or 0)
+    length = int(info["length"]) if info.get("length") else _nbytes(t)
+    shape = tuple(t.dims)
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:
+        dtype = None
+    if dtype is not None and dtype.kind in "biuf" and dtype.itemsize * int(np.prod(shape, dtype=np.int64)) == length:
+        return np.fromfile(loc, dtype=dtype.newbyteorder("<"), count=length // dtype.itemsize,
+                           offset=offset).astype(dtype, copy=False).reshape(shape)
+    copy = onnx.TensorProto()  # bf16, float8, 4-bit...: let onnx decode the bytes
+    copy.CopyFrom(t)
+    del copy.external_data[:]
+    copy.data_location = onnx.TensorProto.DEFAULT
+    with open(loc, "rb") as f:
+        f.seek(offset)
+        copy.raw_data = f.read(length)
+    return numpy_helper.to_array(copy)
+
+
+def inline_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held in the proto itself (what serializing it would copy)."""
+    return sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+               for t in all_tensors(model.graph) if not is_external(t))
+
+
+def by_path(model: onnx.ModelProto) -> bool:
+    """Whether onnx and onnxruntime must read this model from a file: its weights stay on
+    disk, or it holds more than :data:`LARGE_MODEL_BYTES` (protobuf cannot serialize 2 GiB)."""
+    return has_external_data(model) or inline_bytes(model) > LARGE_MODEL_BYTES
+
+
+def data_folder(model: onnx.ModelProto) -> Path | None:
+    """The folder holding every external data file of a model loaded by :func:`load`."""
+    folders = {str(Path(_external_info(t)["location"]).parent) for t in all_tensors(model.graph) if is_external(t)}
+    return Path(os.path.commonpath(sorted(folders))) if folders else None
+
+
+INLINE_LIMIT = 1024**2  # in a temporary model file, tensors held in memory above this size go to a data file
+
+
+@contextlib.contextmanager
+def temp_model_file(model: onnx.ModelProto, folder: str | os.PathLike | None = None, with_data: bool = True):
+    """Write ``model`` to a temporary ``.onnx`` file and yield its path; removed on exit
+    (and on Ctrl-C or SIGTERM; after a SIGKILL by the next write to that folder).
+
+    The file goes in the folder of the model's external data (onnxruntime only reads data
+    files inside the model's folder), else in ``folder`` or the system's temporary folder,
+    and its tensors name their data relative to it. Tensors held in memory above
+    :data:`INLINE_LIMIT` go to a temporary data file beside it when the proto would be too
+    big to serialize; with ``with_data=False`` (shape inference) they are only marked external
+    and no bytes are written."""
+    home = data_folder(model) if with_data else None
+    where = Path(home or folder or tempfile.gettempdir())
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ModelError(f"{where}: not writable; a model over 2 GB is handed to onnx and onnxruntime as a "
+                         "temporary file beside its external data: copy the model to a writable folder")
+    remove_stale_temporaries(where)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".onnx", dir=where)
+    os.close(fd)
+    tmp = Path(tmp)
+    data = tmp.with_name(tmp.name + ".data")
+    try:
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(model)
+        for t in all_tensors(skeleton.graph):
+            if is_external(t):
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = os.path.relpath(e.value, where)
+        if inline_bytes(skeleton) > LARGE_MODEL_BYTES:
+            _externalize(skeleton, data if with_data else None)
+        with open(tmp, "wb") as f:
+            f.write(skeleton.SerializeToString())
+        del skeleton
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+
+
+def _externalize(model: onnx.ModelProto, data: Path | None) -> None:
+    """Move initializers held in memory above :data:`INLINE_LIMIT` to ``data`` (None: mark
+    them external without writing their bytes, for onnx's shape inference)."""
+    from onnx.external_data_helper import set_external_data
+    name = data.name if data is not None else "absent.data"
+    f = open(data, "ab") if data is not None else None
+    try:
+        for t in all_tensors(model.graph):
+            if is_external(t) or not t.HasField("raw_data") or len(t.raw_data) <= INLINE_LIMIT:
+                continue
+            offset = f.tell() if f is not None else 0
+            if f is not None:
+                f.write(t.raw_data)
+            set_external_data(t, name, offset, len(t.raw_data))
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.ClearField("raw_data")
+    finally:
+        if f is not None:
+            f.close()
 
 
 def _short(exc: Exception) -> str:
@@ -131,29 +327,97 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> None:
+def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
+         check=None) -> None:
     """Save atomically; weights go to ``<name>.data`` beside it when the model is
-    too big for one protobuf (or when ``external_data`` is True)."""
+    too big for one protobuf (or when ``external_data`` is True). ``check(path)`` runs on
+    the written file before it is renamed into place (a model whose weights stay on disk
+    is checked by path). Tensors written to the data file leave ``model`` holding
+    references to it, as onnx's own save does."""
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    if not external_data:
+        external_data = inline_bytes(model) + external_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data and not has_external_data(model) and check is None:
         atomic_write_bytes(path, model.SerializeToString())
         return
     remove_stale_temporaries(path.parent)
     tmpdir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=path.parent))
     try:
         data_name = path.name + ".data"
-        onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if external_data and not has_external_data(model):
+            onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        elif external_data:
+            _stream_save(model, tmpdir / path.name, data_name)
+        else:
+            for t in all_tensors(model.graph):
+                if is_external(t):
+                    _load_into(t)
+            (tmpdir / path.name).write_bytes(model.SerializeToString())
         for written in tmpdir.glob("*"):
             written.chmod(_file_mode())
-        os.replace(tmpdir / data_name, path.parent / data_name)
+        if check is not None:
+            check(tmpdir / path.name)
+        if (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, path.parent / data_name)
         os.replace(tmpdir / path.name, path)
     finally:
-        for leftover in tmpdir.glob("*"):
-            leftover.unlink()
-        tmpdir.rmdir()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _load_into(t: onnx.TensorProto) -> None:
+    """Bring a tensor's bytes from its data file into the proto."""
+    from onnx import numpy_helper
+    t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+
+
+def _stream_save(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write ``model`` with its tensors' data in ``data_name`` beside ``path``, one tensor at
+    a time: bytes still on disk are copied across in chunks, and initializers held in memory
+    (1 KiB or more, as onnx's save does) are written and dropped from the proto; nothing is
+    held twice."""
+    from onnx.external_data_helper import set_external_data
+    with open(path.parent / data_name, "wb") as out:
+        for t in all_tensors(model.graph):
+            if not is_external(t):
+                continue
+            info = _external_info(t)
+            offset, length = int(info.get("offset") or 0), int(info.get("length") or _nbytes(t))
+            start = out.tell()
+            with open(info["location"], "rb") as src:
+                src.seek(offset)
+                remaining = length
+                while remaining:
+                    chunk = src.read(min(remaining, 64 * 1024**2))
+                    if not chunk:
+                        raise ModelError(f"{info['location']}: ends before tensor {t.name!r}'s data")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+            del t.external_data[:]
+            set_external_data(t, data_name, start, length)
+        for t in _initializers(model.graph):
+            if is_external(t) or not t.HasField("raw_data"):
+                continue
+            raw = t.raw_data
+            if len(raw) + 33 < 1024:  # onnx's size_threshold counts sys.getsizeof(bytes)
+                continue
+            start = out.tell()
+            out.write(raw)
+            set_external_data(t, data_name, start, len(raw))
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.ClearField("raw_data")
+            del raw
+    path.write_bytes(model.SerializeToString())
+
+
+def _initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from _initializers(a.g)
+            for g in a.graphs:
+                yield from _initializers(g)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

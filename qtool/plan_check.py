@@ -43,7 +43,23 @@ def check_plan(plan: Plan, p: Prepared) -> None:
         raise PlanError("plan holds decisions only (no scales): save it from `qtool quantize --save-plan`")
     if plan.mode not in ("static", "dynamic") or plan.format not in ("qdq", "qoperator"):
         raise PlanError(f"plan mode {plan.mode!r} / quant_format {plan.format!r}: expected static|dynamic, qdq|qoperator")
-    view = GraphView(p.model)
+    _check_graph(plan, GraphView(p.model))
+    from .subgraphs import bodies, lift
+    keys = {b.key: b for b in bodies(p.model)}
+    for key in plan.subgraphs:
+        if key not in keys:
+            _fail(f"subgraph {key!r}", "is not a subgraph of this model (expected <If/Loop/Scan node>/<attribute>)")
+    for key, b in keys.items():
+        if key not in plan.subgraphs:
+            _fail(f"subgraph {key!r}", "is in the model but not in the plan")
+        sub = plan.subgraphs[key]
+        try:
+            _check_graph(sub, GraphView(lift(p.model, b)))
+        except PlanError as exc:
+            raise PlanError(str(exc).replace("plan ", f"plan subgraph {key!r}: ", 1)) from None
+
+
+def _check_graph(plan: Plan, view: GraphView) -> None:
     _check_nodes(plan, view)
     used = _quantized_uses(plan, view)
     for t in plan.tensors.values():

@@ -41,25 +41,33 @@ BLOCKED = {
             "DynamicQuantizeLSTM, which qtool does not emit yet): stays float",
     "GRU": "no integer GRU kernel in onnxruntime: stays float",
     "RNN": "no integer RNN kernel in onnxruntime: stays float",
-    "If": "control flow: the nodes of its subgraphs are not quantized yet: stays float",
-    "Loop": "control flow: the nodes of its subgraphs are not quantized yet: stays float",
-    "Scan": "control flow: the nodes of its subgraphs are not quantized yet: stays float",
+    "If": "control flow nested inside a subgraph: qtool plans subgraphs one level deep, so its nodes stay float",
+    "Loop": "control flow nested inside a subgraph: qtool plans subgraphs one level deep, so its nodes stay float",
+    "Scan": "control flow nested inside a subgraph: qtool plans subgraphs one level deep, so its nodes stay float",
 }
 
 
-def analyse(model: onnx.ModelProto, options: QuantizeOptions, ranges=None) -> tuple[Facts, tuple[str, ...]]:
+def analyse(model: onnx.ModelProto, options: QuantizeOptions, ranges=None,
+            elsewhere: frozenset[str] = frozenset()) -> tuple[Facts, tuple[str, ...]]:
     """The facts every stage reads, computed once: graph view, float patterns,
-    MAC counts, and the user's precision overrides matched to nodes."""
+    MAC counts, and the user's precision overrides matched to nodes (``elsewhere``:
+    node names and op types of the model's other graphs, which overrides may name)."""
     view = GraphView(model)
     notes = []
     macs, why = node_macs(model)
     if why:
         notes.append(f"MAC counts unavailable ({why}): the rules that use them (cheap first layer, "
                      "dynamic mode's small-MatMul skip) are off")
-    overrides = match_overrides(view, options)
+    from .subgraphs import node_keys
+    overrides = match_overrides(view, options, elsewhere | node_keys(model))
     kept = {name: "kept float on request (--precision NAME=fp32 or --exclude)" for name, p in overrides.items()
             if p is Precision.FP32}
     return Facts(view, options, float_patterns(view), ranges, macs, overrides, kept), tuple(notes)
+
+
+def _lifted(view: GraphView) -> bool:
+    """Whether this graph is a subgraph lifted out of its model (qtool.subgraphs.lift)."""
+    return any(p.key == "qtool.lifted" for p in view.model.metadata_props)
 
 
 def node_macs(model: onnx.ModelProto) -> tuple[dict[str, int], str | None]:
@@ -73,9 +81,11 @@ def node_macs(model: onnx.ModelProto) -> tuple[dict[str, int], str | None]:
     return macs_by_node(view), None
 
 
-def match_overrides(view: GraphView, options: QuantizeOptions) -> dict[str, Precision]:
+def match_overrides(view: GraphView, options: QuantizeOptions,
+                    elsewhere: frozenset[str] = frozenset()) -> dict[str, Precision]:
     """Node name -> precision from ``--precision`` and ``--exclude``; a name beats
-    an op type; a key that matches nothing is an error listing the closest matches."""
+    an op type; a key that matches nothing here nor ``elsewhere`` (another graph of
+    the model: a subgraph, or the main graph) is an error listing the closest matches."""
     names = {view.node_name(n): n.op_type for n in view.nodes}
     op_types = set(names.values())
     by_type: dict[str, Precision] = {}
@@ -85,6 +95,8 @@ def match_overrides(view: GraphView, options: QuantizeOptions) -> dict[str, Prec
             by_name[key] = precision
         elif key in op_types:
             by_type[key] = precision
+        elif key in elsewhere:
+            continue
         else:
             close = difflib.get_close_matches(key, list(names) + sorted(op_types), n=3, cutoff=0.5)
             hint = f"; closest: {', '.join(close)}" if close else ""
@@ -205,6 +217,9 @@ class _Assembly:
         dynamic = ctx.options.mode == "dynamic"
         rule = (dynamic_rules.RULES if dynamic else RULES).get(node.op_type)
         if rule is None:
+            if node.op_type in ("If", "Loop", "Scan") and not _lifted(ctx.view):
+                return Skip("control flow: the node runs float itself; the nodes of its subgraphs are planned "
+                            "on their own (see their plans)")
             if node.op_type in BLOCKED:
                 return Skip(BLOCKED[node.op_type])
             if dynamic:

@@ -172,6 +172,7 @@ class Plan:
     preprocess: bool = True
     resolved: bool = False
     format_version: int = PLAN_FORMAT_VERSION
+    subgraphs: dict = field(default_factory=dict)  # "<node>/<attribute>" -> the plan of that body
     node_index: dict = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -183,6 +184,13 @@ class Plan:
     def quantized_nodes(self) -> list[NodePlan]:
         return [n for n in self.nodes if n.quantized]
 
+    def all_nodes(self) -> list[NodePlan]:
+        """The main graph's nodes, then those of its subgraphs."""
+        return list(self.nodes) + [n for sub in self.subgraphs.values() for n in sub.all_nodes()]
+
+    def all_quantized_nodes(self) -> list[NodePlan]:
+        return [n for n in self.all_nodes() if n.quantized]
+
     def with_tensors(self, tensors: dict[str, TensorPlan]) -> "Plan":
         return replace(self, tensors=tensors)
 
@@ -193,7 +201,7 @@ class Plan:
             "target": self.target.label, "resolved": self.resolved, "notes": list(self.notes),
             "nodes": [n.to_dict() for n in self.nodes],
             "tensors": [t.to_dict() for t in self.tensors.values()],
-        }
+        } | ({"subgraphs": {k: _body_dict(v) for k, v in self.subgraphs.items()}} if self.subgraphs else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -224,10 +232,24 @@ class Plan:
                 nodes.append(NodePlan.from_dict(n))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ValueError(f"nodes[{i}]: {_why(exc)}") from None
+        subs = data.get("subgraphs", {})
+        if not isinstance(subs, dict):
+            raise ValueError("subgraphs must be an object: {\"<node>/<attribute>\": plan}")
+        subgraphs = {}
+        for key, sub in subs.items():
+            if not isinstance(sub, dict):
+                raise ValueError(f"subgraphs[{key!r}] must be a plan object")
+            try:
+                inherited = {k: data[k] for k in ("mode", "quant_format", "target", "resolved", "preprocess")
+                             if k in data}
+                subgraphs[str(key)] = cls.from_dict(dict(sub, format=PLAN_FORMAT, format_version=version,
+                                                         **inherited))
+            except ValueError as exc:
+                raise ValueError(f"subgraphs[{key!r}]: {exc}") from None
         return cls(tensors, tuple(nodes), _names(data, "notes"), str(data.get("mode", "static")),
                    str(data.get("quant_format", "qdq")), Target.parse(data.get("target", "cpu")),
                    str(data.get("model_sha256", "")), _bool(data, "preprocess", True),
-                   _bool(data, "resolved", False), version)
+                   _bool(data, "resolved", False), version, subgraphs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -248,7 +270,17 @@ class Plan:
                 lines.append(f"  {t.name}: {t.action.value}{params} ({t.reason})")
         for note in self.notes:
             lines.append(f"note: {note}")
+        for key, sub in self.subgraphs.items():
+            lines.append("")
+            lines.append(f"subgraph {key}:")
+            lines.extend("  " + line for line in sub.explain().splitlines())
         return "\n".join(lines)
+
+
+def _body_dict(plan: "Plan") -> dict:
+    """A subgraph's plan: its nodes, tensors and notes (the rest is the main plan's)."""
+    d = plan.to_dict()
+    return {k: d[k] for k in ("notes", "nodes", "tensors", "subgraphs") if k in d}
 
 
 def _why(exc: Exception) -> str:

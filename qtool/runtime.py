@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import model as model_io
 from .errors import ModelError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -47,13 +48,19 @@ def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], thre
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
-    source = model if isinstance(model, str) else model.SerializeToString()
     providers = [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
+    if not isinstance(model, str) and model_io.by_path(model):
+        # weights on disk or over 2 GiB: onnxruntime reads a temporary file beside the data
+        with model_io.temp_model_file(model) as path:
+            return _session(str(path), opts, providers)
+    return _session(model if isinstance(model, str) else model.SerializeToString(), opts, providers)
+
+
+def _session(source, opts, providers) -> ort.InferenceSession:
     try:
-        sess = ort.InferenceSession(source, sess_options=opts, providers=providers)
+        return ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None
-    return sess
 
 
 def used_providers(sess: ort.InferenceSession) -> list[str]:

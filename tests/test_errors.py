@@ -251,8 +251,9 @@ def test_blocked_ops_are_named_with_their_reason(tmp_path):
                       tmp_path / "b.onnx")
     r = cli("inspect", src)
     assert r.exit_code == 0, r.output
-    assert "1 ConvTranspose node(s) stay float: onnxruntime 1.31's CPU EP fuses no QDQ ConvTranspose" in r.output
-    assert "1 Einsum node(s) stay float: no integer Einsum kernel" in r.output
+    assert "1 ConvTranspose node(s) stay float (ConvTranspose(y)): onnxruntime 1.31's CPU EP fuses no QDQ " \
+        "ConvTranspose" in r.output
+    assert "1 Einsum node(s) stay float (Einsum(e)): no integer Einsum kernel" in r.output
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(4, 4, 8, 8)).astype(np.float32))
     out = tmp_path / "q.onnx"
     r = cli("quantize", src, "--data", tmp_path / "d.npz", "-o", out)

@@ -154,7 +154,14 @@ def test_subgraphs_stay_valid(fmt, tmp_path):
     assert result.plan.node("conv").quantized and "control flow" in result.plan.node("if").reason
     q = onnx.load(out)
     onnx.checker.check_model(q)
-    assert {"wa", "wb"} <= {t.name for t in q.graph.initializer}
+    branches = {a.name: a.g for n in q.graph.node if n.op_type == "If" for a in n.attribute}
+    taken = [g for g in branches.values() if any(n.op_type == "DequantizeLinear" or n.op_type.startswith("Q")
+                                                  for n in g.node)]
+    assert taken, "the branch the calibration data took is quantized inside"
+    for g in branches.values():  # a weight is read from outside, or quantized inside the branch
+        inner = {t.name for t in g.initializer}
+        reads = {i for n in g.node for i in n.input} - {o for n in g.node for o in n.output} - inner
+        assert reads <= {t.name for t in q.graph.initializer} | {n for m in q.graph.node for n in m.output}
     x = {"x": rng.normal(size=(4, 3, 8, 8)).astype(np.float32)}
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, x)[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)[0]

@@ -18,7 +18,7 @@ from ..errors import DataError
 
 
 def augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``tensors`` (float32)."""
+    """A copy of ``model`` that also outputs ``tensors`` (float32; names of the main graph)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     existing = {o.name for o in out.graph.output}
@@ -30,30 +30,39 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
             make_observer: Callable[[], object], on_batch: Callable[[int], None] | None = None,
-            threads: int | None = None) -> tuple[dict[str, object], int, int, tuple[str, ...]]:
-    """Run every batch and update one observer per tensor.
+            threads: int | None = None, fetch: dict[str, str] | None = None
+            ) -> tuple[dict[str, object], int, int, tuple[str, ...]]:
+    """Run every batch and update one observer per tensor. ``fetch``: the main-graph
+    output that carries a subgraph's tensor (see qtool.subgraphs.expose).
 
-    Returns (observers, samples, batches, notes). NaN/Inf in an input or in a collected
-    tensor is a DataError naming the tensor and the batch.
+    Returns (observers, samples, batches, notes); a tensor that never held a value (an If
+    branch never taken) has no observer. NaN/Inf in an input or in a collected tensor is a
+    DataError naming the tensor and the batch.
     """
     from ..data import check_finite
-    sess = runtime.session(augment(model, tensors), threads=threads)
+    fetch = fetch or {}
+    outputs = [fetch.get(t, t) for t in tensors]
+    sess = runtime.session(augment(model, outputs), threads=threads)
     input_names = {i.name for i in sess.get_inputs()}
     observers = {name: make_observer() for name in tensors}
+    seen: set[str] = set()
     samples = index = 0
     single = False  # the model only runs one sample at a time (a batch of 1 fixed inside it)
     for index, batch in enumerate(batches):
         feeds = {k: v for k, v in batch.items() if k in input_names}
         check_finite(feeds, index)
         n = len(next(iter(feeds.values()))) if feeds else 0
-        for part in _parts(sess, feeds, tensors, n, single):
+        for part in _parts(sess, feeds, outputs, n, single):
             if part is None:
                 single = True
                 continue
             for name, value in zip(tensors, part):
-                if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
+                if value.size == 0:
+                    continue  # a subgraph tensor of an If branch not taken on this batch
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
                     raise DataError(f"tensor {name!r} holds NaN or Inf in batch {index}")
                 observers[name].update(value)
+                seen.add(name)
             part = value = None  # free this batch's outputs before the next run allocates its own
         samples += n
         if on_batch:
@@ -62,7 +71,11 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
         raise DataError("calibration data is empty (0 samples)")
     notes = ("the model fails on batches of several samples but runs one (a batch of 1 fixed inside it): "
              "calibrated one sample at a time",) if single else ()
-    return observers, samples, index + 1, notes
+    never = [t for t in tensors if t not in seen and t in fetch]
+    if never:
+        notes += (f"{len(never)} subgraph tensors never held a value on this data (an If branch not taken, "
+                  f"e.g. {never[0]}): no statistics, their nodes stay float",)
+    return {t: o for t, o in observers.items() if t in seen or t not in fetch}, samples, index + 1, notes
 
 
 def _parts(sess, feeds: dict, tensors: list[str], n: int, single: bool):

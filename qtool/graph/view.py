@@ -9,18 +9,54 @@ from functools import cached_property
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .. import model as model_io
 
 FLOAT = onnx.TensorProto.FLOAT
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
-    """onnx shape inference; on failure keep the model and return a note."""
+    """onnx shape inference; on failure keep the model and return a note. A model whose
+    weights stay on disk (or over 2 GiB) goes by path (:func:`infer_shapes_by_path`)."""
     try:
+        if model_io.by_path(model):
+            return infer_shapes_by_path(model), None
         return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False,
                                                  data_prop=True), None
     except Exception as exc:
         return model, f"shape inference failed ({str(exc).splitlines()[0][:160]}); planning with the shapes the model records"
+
+
+def infer_shapes_by_path(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes_path`` on a temporary copy of the graph (weights
+    marked external, no bytes written: inference reads only their types and shapes); the
+    inferred types are copied onto a copy of ``model``, whose tensors are left as they are."""
+    with model_io.temp_model_file(model, with_data=False) as src:
+        dst = src.with_name(src.name[:-len(".onnx")] + ".inferred.onnx")
+        try:
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst), check_type=False, strict_mode=False,
+                                                   data_prop=True)
+            inferred = onnx.load(str(dst), load_external_data=False)
+        finally:
+            dst.unlink(missing_ok=True)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _copy_types(inferred.graph, out.graph)
+    return out
+
+
+def _copy_types(src: onnx.GraphProto, dst: onnx.GraphProto) -> None:
+    """Value infos and output types shape inference wrote into ``src`` (subgraphs too)."""
+    del dst.value_info[:]
+    dst.value_info.extend(src.value_info)
+    for a, b in zip(src.output, dst.output):
+        b.CopyFrom(a)
+    for n_src, n_dst in zip(src.node, dst.node):
+        for a_src, a_dst in zip(n_src.attribute, n_dst.attribute):
+            if a_src.HasField("g"):
+                _copy_types(a_src.g, a_dst.g)
+            for g_src, g_dst in zip(a_src.graphs, a_dst.graphs):
+                _copy_types(g_src, g_dst)
 
 
 def tensor_shape(vi: onnx.ValueInfoProto) -> tuple | None:
@@ -110,7 +146,8 @@ class GraphView:
         return name in self.initializers
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
+        """An initializer's value (read from its data file when the weights stay on disk)."""
+        return model_io.tensor_array(self.initializers[name])
 
     def elem_type(self, name: str) -> int | None:
         if name in self.initializers:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
+from .. import model as model_io
 from ..graph import GraphView
 
 
@@ -115,7 +116,7 @@ def rewrite_einsum(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]
                 operands.append(name)
             elif name in inits and _read_once(view, name):
                 t = inits[name]
-                arr = numpy_helper.to_array(t).transpose(perm)
+                arr = model_io.tensor_array(t).transpose(perm)
                 t.CopyFrom(numpy_helper.from_array(arr, name))
                 operands.append(name)
             else:

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .. import model as model_io
+
 FLOAT = onnx.TensorProto.FLOAT
 HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 KIND = {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
@@ -105,7 +107,7 @@ def _upcast_graph(g: onnx.GraphProto, top: bool) -> None:
 
 
 def _float32(t: onnx.TensorProto) -> onnx.TensorProto:
-    return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name)
+    return numpy_helper.from_array(model_io.tensor_array(t).astype(np.float32), t.name)
 
 
 def restore_storage(model: onnx.ModelProto, kind: int) -> tuple[onnx.ModelProto, int]:
@@ -125,7 +127,7 @@ def restore_storage(model: onnx.ModelProto, kind: int) -> tuple[onnx.ModelProto,
         if t.data_type != FLOAT or not ops or t.name in outputs or any(_integer_op(op) for op in ops):
             continue
         stored = _fresh(used, f"{t.name}_{KIND[kind]}")
-        value = numpy_helper.to_array(t)
+        value = model_io.tensor_array(t)
         half = numpy_helper.from_array(value.astype(np.float16), stored) if kind == onnx.TensorProto.FLOAT16 \
             else helper.make_tensor(stored, kind, value.shape, value.astype(np.float32).ravel().tolist())
         casts.append(helper.make_node("Cast", [stored], [t.name], to=FLOAT, name=_fresh(used, f"{t.name}_to_float32")))

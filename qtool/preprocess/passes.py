@@ -55,7 +55,7 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
         return None
     attr = node.attribute[0]
     if attr.name == "value":
-        return numpy_helper.to_array(attr.t)
+        return model_io.tensor_array(attr.t)
     simple = {"value_float": np.float32, "value_int": np.int64}
     lists = {"value_floats": np.float32, "value_ints": np.int64}
     if attr.name in simple:
@@ -102,9 +102,9 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]
 
 def _evaluate(evaluator, node, values, m) -> list | None:
     try:
-        feeds = {i: numpy_helper.to_array(values[i]) for i in node.input if i}
-        if sum(a.size for a in feeds.values()) > FOLD_MAX_ELEMENTS:
-            return None
+        if sum(int(np.prod(values[i].dims)) for i in node.input if i) > FOLD_MAX_ELEMENTS:
+            return None  # decided from the shapes, before reading any weight
+        feeds = {i: model_io.tensor_array(values[i]) for i in node.input if i}
         graph = helper.make_graph([node], "fold", [helper.make_tensor_value_info(k, values[k].data_type, None)
                                                    for k in feeds],
                                   [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
@@ -188,11 +188,11 @@ def _remove_nodes(m: onnx.ModelProto, view: GraphView, names: set[str]) -> None:
 
 
 def _fold_bn_into(conv, bn, inits, m, view) -> None:
-    scale, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+    scale, beta, mean, var = (model_io.tensor_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
     eps = view.attr(bn, "epsilon", 1e-5)
     factor = scale / np.sqrt(var + eps)
-    w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-    b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+    w = model_io.tensor_array(inits[conv.input[1]]).astype(np.float64)
+    b = model_io.tensor_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
         else np.zeros(w.shape[0])
     new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
     new_b = ((b - mean) * factor + beta).astype(np.float32)
@@ -232,11 +232,11 @@ def _zero_spatial_pads(pad, inits, view) -> list[int] | None:
     if mode not in (b"constant", "constant") or len(pad.input) < 2 or pad.input[1] not in inits:
         return None
     if len(pad.input) > 2 and pad.input[2]:
-        if pad.input[2] not in inits or np.any(numpy_helper.to_array(inits[pad.input[2]]) != 0):
+        if pad.input[2] not in inits or np.any(model_io.tensor_array(inits[pad.input[2]]) != 0):
             return None
     if len(pad.input) > 3 and pad.input[3]:
         return None
-    pads = numpy_helper.to_array(inits[pad.input[1]]).astype(int).tolist()
+    pads = model_io.tensor_array(inits[pad.input[1]]).astype(int).tolist()
     rank = len(pads) // 2
     if rank < 3 or any(pads[i] != 0 or pads[i + rank] != 0 for i in range(2)) or min(pads) < 0:
         return None

@@ -29,7 +29,6 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     names = Names(out)
     view = GraphView(out)
     folded_into = {n.fused_into: n.name for n in plan.nodes if n.fused_into in kernels}  # kernel -> its bias Add
-    new_inits: list = []
     replaced: dict[str, list] = {}
     quantized_inputs: dict[str, list[str]] = {}
     for node in view.nodes:
@@ -47,7 +46,9 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         weight = plan.tensors[node.input[1]]
         q, scale, zp = quantize_weight(stored_weight(weight, source), weight)
         q_name, s_name, z_name = (names.fresh(f"{weight.name}_{suffix}") for suffix in ("quantized", "scale", "zero_point"))
-        new_inits += [initializer(q, q_name), initializer(scale, s_name), initializer(zp, z_name)]
+        # straight into the model, one weight at a time: no second list of every int8 weight
+        out.graph.initializer.extend([initializer(q, q_name), initializer(scale, s_name), initializer(zp, z_name)])
+        del q
         bias = [decided.bias] if decided.bias else []
         if decided.kernel == SHARED_KERNEL:
             aq, a_s, a_z = quantized_inputs[a]
@@ -61,10 +62,10 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
              for m in replaced.get(view.node_name(n), [n])]
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    out.graph.initializer.extend(new_inits)
     used = reads_of(out.graph.node)
-    keep = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(keep)
+    inits = out.graph.initializer
+    for i in reversed(range(len(inits))):  # in place: the kept weights are not copied again
+        if inits[i].name not in used:
+            del inits[i]
     qdq.ensure_ms_opset(out)
     return out

@@ -7,12 +7,8 @@ import onnx
 
 class Names:
     def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.used = {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
-        for n in g.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-            self.used.add(n.name)
+        from ..subgraphs import all_names
+        self.used = all_names(model)  # subgraphs too: a body must not define a name the outer graph uses
 
     def fresh(self, base: str) -> str:
         name, k = base, 1

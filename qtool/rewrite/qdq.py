@@ -25,7 +25,8 @@ from .weights import initializer, params, quantize_bias, quantize_weight
 class _Builder:
     def __init__(self, model: onnx.ModelProto):
         self.names = Names(model)
-        self.inits: list[onnx.TensorProto] = []
+        # new initializers go straight into the model, after its own: one copy of each int8 weight
+        self.inits = model.graph.initializer
         self.renames: dict[str, str] = {}
 
     def const(self, base: str, value) -> str:
@@ -55,6 +56,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     out.CopyFrom(model)
     graph = out.graph
     view = GraphView(model)
+    own = len(graph.initializer)
     b = _Builder(out)
     head = [b.constant_dq(t, *quantize_weight(stored_weight(t, view), t)) for t in _constants(plan, Role.WEIGHT)]
     head += [b.constant_dq(t, *quantize_bias(view.array(t.name), t)) for t in _constants(plan, Role.BIAS)]
@@ -75,10 +77,11 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                 node.input[i] = b.renames[name]
     used = reads_of(list(head) + body)  # subgraphs (If/Loop bodies) read outer initializers by name
     outputs = {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used or t.name in outputs]
-    removed = {t.name for t in graph.initializer} - {t.name for t in kept}
-    del graph.initializer[:]
-    graph.initializer.extend(kept + b.inits)
+    removed = set()
+    for i in reversed(range(own)):  # in place, order kept: the new initializers are not copied again
+        if graph.initializer[i].name not in used and graph.initializer[i].name not in outputs:
+            removed.add(graph.initializer[i].name)
+            del graph.initializer[i]
     del graph.node[:]
     graph.node.extend(head + body)
     drop_stale_inputs(graph, removed)

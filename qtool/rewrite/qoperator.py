@@ -99,6 +99,9 @@ class _Rewrite:
 def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     """Return a new QOperator model; ``model`` is left untouched."""
     r = _Rewrite(model, plan)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    r.inits = out.graph.initializer  # new initializers go straight into the model: one copy of each int8 weight
     for name in r.view.graph_inputs:
         r.quantize_if_needed(name)
     for node in r.view.nodes:
@@ -113,16 +116,15 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         emitted = _emit(node, r.plan.node(key).kernel, r)
         if emitted is not None:
             r.dequantize_if_needed(emitted)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
     del out.graph.node[:]
     out.graph.node.extend(r.nodes)
-    out.graph.initializer.extend(r.inits)
     used = reads_of(out.graph.node)
-    keep = [t for t in out.graph.initializer if t.name in used]
-    removed = {t.name for t in out.graph.initializer} - {t.name for t in keep}
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(keep)
+    removed = set()
+    inits = out.graph.initializer
+    for i in reversed(range(len(inits))):  # in place, order kept: nothing is copied again
+        if inits[i].name not in used:
+            removed.add(inits[i].name)
+            del inits[i]
     drop_stale_inputs(out.graph, removed)
     ensure_ms_opset(out)
     return out
