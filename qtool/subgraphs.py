@@ -272,7 +272,7 @@ def body_plans(model: onnx.ModelProto, options, ranges=None) -> dict:
             missing = set(calibration_tensors(facts)) - set(body_ranges.base)
             if missing:
                 why = ("no calibration statistics for its tensors (this branch or body never ran on the "
-                       "calibration data): stays float")
+                       "calibration data, or could not be observed: see the table's notes): stays float")
                 kept = {facts.view.node_name(n): why for n in facts.view.nodes
                         if missing & set(list(n.input) + list(n.output))}
                 facts = replace(facts, kept_float={**kept, **facts.kept_float})

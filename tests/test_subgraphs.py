@@ -189,3 +189,39 @@ def test_scan_body_is_quantized(tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     assert "DequantizeLinear" in body_ops(out)["scan/body"]
     assert snr_db(run(src, feeds), run(out, feeds)) > 25
+
+
+def test_loop_whose_state_grows_is_calibrated_without_its_body(tmp_path):
+    """A Loop whose carried tensor grows each iteration (a decoder appending to its output):
+    its stacked per-iteration tensors cannot be exposed, so calibration runs without them,
+    says so, and the body stays float with the reason."""
+    rng = np.random.default_rng(4)
+    vi = h.make_tensor_value_info
+    body = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="step_matmul"),
+                         h.make_node("Concat", ["h_in", "y"], ["h_out"], axis=1, name="append"),
+                         h.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")],
+                        "body", [vi("i", T.INT64, []), vi("cond_in", T.BOOL, []), vi("h_in", T.FLOAT, ["N", None])],
+                        [vi("cond_out", T.BOOL, []), vi("h_out", T.FLOAT, ["N", None])])
+    nodes = [h.make_node("MatMul", ["x", "w0"], ["h0"], name="first"),
+             h.make_node("Loop", ["trips", "", "h0"], ["h"], body=body, name="loop"),
+             h.make_node("MatMul", ["h", "w_out"], ["out"], name="head")]
+    inits = [nh.from_array(rng.normal(0, 0.3, (16, 4)).astype(np.float32), "w"),
+             nh.from_array(rng.normal(0, 0.3, (16, 4)).astype(np.float32), "w0"),
+             nh.from_array(rng.normal(0, 0.3, (16, 3)).astype(np.float32), "w_out"),
+             nh.from_array(np.array(3, np.int64), "trips")]
+    g = h.make_graph(nodes, "grow", [vi("x", T.FLOAT, ["N", 16])], [vi("out", T.FLOAT, ["N", 3])], inits)
+    src = tmp_path / "grow.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
+    x = rng.normal(size=(16, 16)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    table = tmp_path / "t.json"
+    r = cli("calibrate", src, "--data", tmp_path / "d.npz", "-o", table)
+    assert r.exit_code == 0, r.output
+    import json
+    notes = json.loads(table.read_text())["notes"]
+    assert any("subgraphs' tensors exposed" in n for n in notes), notes
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", src, "--table", table, "-o", out, "--explain")
+    assert r.exit_code == 0, r.output
+    assert "could not be observed" in r.output
+    assert snr_db(run(src, {"x": x}), run(out, {"x": x})) > 25
