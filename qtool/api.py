@@ -19,7 +19,7 @@ from . import model as model_io
 from .calib.table import CalibrationTable
 from .config import CalibrateOptions, EvalOptions, QuantizeOptions
 from .data import Dataset, InputSpec, check_against_model
-from .errors import DataError, QtoolError, TableError
+from .errors import DataError, ModelError, QtoolError, TableError
 from .plans import Plan
 from .prepare import Prepared, prepare
 
@@ -181,8 +181,19 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
     run_model, fetch = expose(p.model, inner)
     tensors += [t for t in fetch if t not in tensors]
     batch_size = _batch_size(p.model, options.batch_size)
-    observers, samples, batches, run_notes = collect(run_model, tensors, ds.batches(batch_size, options.limit),
-                                                     lambda: make_observer(options), on_batch, threads, fetch)
+
+    def run(m, names, exposed):
+        return collect(m, names, ds.batches(batch_size, options.limit), lambda: make_observer(options),
+                       on_batch, threads, exposed)
+    try:
+        observers, samples, batches, run_notes = run(run_model, tensors, fetch)
+    except ModelError as exc:
+        if not fetch:
+            raise
+        # e.g. a Loop whose carried tensor grows: its stacked scan outputs differ in shape per iteration
+        observers, samples, batches, run_notes = run(p.model, [t for t in tensors if t not in fetch], {})
+        run_notes += (f"the model fails with its subgraphs' tensors exposed as outputs ({str(exc)[:200]}): "
+                      "calibrated without them, so the nodes inside its subgraphs stay float",)
     stats = {name: finish(obs, options) for name, obs in observers.items()}
     params = dict(_method_params(options), preprocess=quantize_options.preprocess)
     return CalibrationTable(p.sha256, options.method, params, samples, batches, stats,
