@@ -263,10 +263,11 @@ def _apply(the_plan: Plan, model):
         m = onnx.ModelProto()
         m.CopyFrom(model)
         used = all_names(m)
-        for b in bodies(m):
-            sub = the_plan.subgraphs.get(b.key)
-            if sub is not None and sub.quantized_nodes():
-                put_back(m, b, rewriter.apply(lift(m, b), sub), used)
+        planned = [(b, the_plan.subgraphs[b.key]) for b in bodies(model)
+                   if b.key in the_plan.subgraphs and the_plan.subgraphs[b.key].quantized_nodes()]
+        lifted = {b.key: lift(model, b) for b, _ in planned}  # all from the model the plans were made on
+        for b, sub in planned:
+            put_back(m, b, rewriter.apply(lifted[b.key], sub), used)
         model = m
     return rewriter.apply(model, the_plan)
 

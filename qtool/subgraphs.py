@@ -313,3 +313,44 @@ def calibration_plan(model: onnx.ModelProto, options, main_view: GraphView) -> t
             else:
                 wanted.setdefault(b.key, []).append(t)
     return outer_wanted, wanted
+
+
+def separate_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Give every tensor a body defines a name no other graph uses: sibling bodies (an If's
+    two branches, two Loops) may legally reuse names, but the calibration table and the plans
+    key statistics by tensor name. Renamed inside the body only (its reads, nested bodies'
+    reads, its formal inputs and outputs, which are positional)."""
+    from .preprocess.half import _rename_reads
+    found = bodies(model)
+    if not found:
+        return model, None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    seen = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
+    used = all_names(m)
+    renamed = 0
+    for b in found:
+        body = _graph_of(m, b)
+        defined = [i.name for i in body.input] + [t.name for t in body.initializer] + \
+            [o for n in body.node for o in n.output if o]
+        for name in defined:
+            if name not in seen:
+                seen.add(name)
+                continue
+            new = _fresh(used, f"{name}__{b.node.strip('/').replace('/', '_')}_{b.attr}")
+            _rename_reads(body, name, new)
+            for n in body.node:
+                n.output[:] = [new if o == name else o for o in n.output]
+            for coll in (body.input, body.output, body.value_info):
+                for vi in coll:
+                    if vi.name == name:
+                        vi.name = new
+            for t in body.initializer:
+                if t.name == name:
+                    t.name = new
+            seen.add(new)
+            renamed += 1
+    if not renamed:
+        return model, None
+    return m, f"{renamed} tensor names reused across subgraphs made unique inside their subgraph"

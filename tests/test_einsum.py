@@ -88,3 +88,26 @@ def test_einsum_layer_is_quantized(tmp_path):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     snr = 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
     assert snr > 25, snr
+
+
+def test_rewrite_keeps_names_unique_and_shared_operands_exact():
+    """A node already named like the Transpose the rewrite adds, and one constant read as
+    both operands (a Gram matrix), which must not be transposed in place."""
+    w = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    g = h.make_graph([h.make_node("Einsum", ["a", "b"], ["t"], equation="ij,kj->ik", name="ein"),
+                      h.make_node("Identity", ["t"], ["u"], name="ein_b_transposed"),
+                      h.make_node("Einsum", ["w", "w"], ["gram"], equation="ij,kj->ik", name="gram"),
+                      h.make_node("MatMul", ["u", "gram"], ["y"], name="mm")], "g",
+                     [h.make_tensor_value_info("a", T.FLOAT, [3, 4]), h.make_tensor_value_info("b", T.FLOAT, [3, 4])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(w, "w")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    m = onnx.shape_inference.infer_shapes(m)
+    r, _ = rewrite_einsum(m)
+    names = [n.name for n in r.graph.node if n.name]
+    assert len(names) == len(set(names)), names
+    rng = np.random.default_rng(1)
+    feeds = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal((3, 4)).astype(np.float32)}
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(r.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

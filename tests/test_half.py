@@ -130,3 +130,48 @@ def test_bf16_model_quantizes(tmp_path):
     q = onnx.load(str(out))
     assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) >= 4
     assert snr_db(run(src32, {"x": x})[0], run(out, {"x": x})[0]) > 20
+
+
+def test_float32_constants_of_an_fp16_model_keep_their_precision(tmp_path):
+    """Resize scales (always float32) and a float32 constant beyond fp16's range stay float32."""
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Resize", ["r", "", "scales"], ["z"], mode="nearest"),
+             helper.make_node("Cast", ["z"], ["z32"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["z32", "big"], ["zb"]),
+             helper.make_node("Div", ["zb", "big"], ["y32"]),
+             helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.FLOAT16)]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float16), "w"),
+             numpy_helper.from_array(np.array([1, 1, 4 / 3, 4 / 3], np.float32), "scales"),
+             numpy_helper.from_array(np.array(1e5, np.float32), "big")]
+    g = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT16, [1, 3, 3, 3])],
+                          [vi("y", TensorProto.FLOAT16, None)], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), src)
+    x = rng.normal(size=(8, 1, 3, 3, 3)).astype(np.float16)
+    feeds = {"x": x[0]}
+    np.savez(tmp_path / "d.npz", x=x[0])
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", src, "--data", tmp_path / "d.npz", "-o", out)
+    assert r.exit_code == 0, r.output
+    onnx.checker.check_model(str(out), full_check=True)
+    ref, got = run(src, feeds)[0], run(out, feeds)[0]
+    assert got.shape == ref.shape == (1, 4, 4, 4) and np.isfinite(got).all()
+    assert snr_db(ref, got) > 20
+
+
+def test_fp16_model_at_ir3_with_weights_as_inputs(tmp_path):
+    m = to_half(models.small_cnn(), "fp16")
+    m.ir_version = 3
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    src = tmp_path / "ir3.onnx"
+    onnx.save(m, src)
+    x = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float16)
+    np.savez(tmp_path / "d.npz", x=x)
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", src, "--data", tmp_path / "d.npz", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert snr_db(run(src, {"x": x})[0], run(out, {"x": x})[0]) > 25

@@ -225,3 +225,51 @@ def test_loop_whose_state_grows_is_calibrated_without_its_body(tmp_path):
     assert r.exit_code == 0, r.output
     assert "could not be observed" in r.output
     assert snr_db(run(src, {"x": x}), run(out, {"x": x})) > 25
+
+
+def test_sibling_bodies_reusing_names_get_their_own_statistics(tmp_path):
+    """Two Loops whose bodies reuse tensor names (legal in ONNX), the second on values 1000x
+    larger, and an If whose branches both name their output 'o': every body is calibrated
+    and quantized with its own ranges."""
+    rng = np.random.default_rng(5)
+    vi = h.make_tensor_value_info
+
+    def body(w):
+        return h.make_graph([h.make_node("MatMul", ["h_in", w], ["mm"]), h.make_node("Relu", ["mm"], ["h_out"]),
+                             h.make_node("Identity", ["c_in"], ["c_out"])], "body",
+                            [vi("i", T.INT64, []), vi("c_in", T.BOOL, []), vi("h_in", T.FLOAT, ["N", 8])],
+                            [vi("c_out", T.BOOL, []), vi("h_out", T.FLOAT, ["N", 8])])
+
+    def branch(w, name):
+        return h.make_graph([h.make_node("MatMul", ["x", w], ["o"], name=name)], name, [], [vi("o", T.FLOAT, None)])
+    nodes = [h.make_node("Loop", ["trips", "", "x"], ["h1"], body=body("w1"), name="loop1"),
+             h.make_node("Mul", ["x", "big"], ["xb"], name="scale"),
+             h.make_node("Loop", ["trips", "", "xb"], ["h2"], body=body("w2"), name="loop2"),
+             h.make_node("ReduceMean", ["x"], ["m"], keepdims=0, name="mean"),
+             h.make_node("Greater", ["m", "zero"], ["cond"], name="gt"),
+             h.make_node("If", ["cond"], ["h3"], then_branch=branch("w1", "then_mm"),
+                         else_branch=branch("w2", "else_mm"), name="if"),
+             h.make_node("Concat", ["h1", "h2", "h3"], ["out"], axis=1, name="cat")]
+    inits = [nh.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "w1"),
+             nh.from_array(rng.normal(0, 0.4, (8, 8)).astype(np.float32), "w2"),
+             nh.from_array(np.float32(1000), "big"), nh.from_array(np.float32(0), "zero"),
+             nh.from_array(np.array(2, np.int64), "trips")]
+    g = h.make_graph(nodes, "siblings", [vi("x", T.FLOAT, ["N", 8])], [vi("out", T.FLOAT, ["N", 24])], inits)
+    src = tmp_path / "s.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    x[:16] += 0.5
+    x[16:] -= 0.5
+    np.savez(tmp_path / "d.npz", x=x)
+    ref = run(src, {"x": x})
+    for fmt in ("qdq", "qoperator"):
+        table = tmp_path / f"{fmt}.json"
+        assert cli("calibrate", src, "--data", tmp_path / "d.npz", "--batch-size", 8, "-o", table).exit_code == 0
+        out = tmp_path / f"{fmt}.onnx"
+        r = cli("quantize", src, "--table", table, "-o", out, "--format", fmt)
+        assert r.exit_code == 0, r.output
+        onnx.checker.check_model(str(out), full_check=True)
+        got = run(out, {"x": x})
+        for part in range(3):  # each Loop's and the If's output on its own
+            cols = slice(8 * part, 8 * part + 8)
+            assert snr_db(ref[:, cols], got[:, cols]) > 25, (fmt, part)

@@ -93,8 +93,8 @@ def rewrite_einsum(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
-    used = {t.name for t in m.graph.initializer} | {o for n in m.graph.node for o in n.output} | \
-        {i.name for i in m.graph.input}
+    from ..subgraphs import all_names
+    used = all_names(m)  # tensor and node names, subgraphs too
     nodes, rewritten, kept = [], 0, 0
     for node in m.graph.node:
         if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
@@ -114,7 +114,7 @@ def rewrite_einsum(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]
         for name, perm, tag in ((a, perm_a, "a"), (b, perm_b, "b")):
             if perm is None:
                 operands.append(name)
-            elif name in inits and _read_once(view, name):
+            elif name in inits and _read_once(view, name) and list(node.input).count(name) == 1:
                 t = inits[name]
                 arr = model_io.tensor_array(t).transpose(perm)
                 t.CopyFrom(numpy_helper.from_array(arr, name))

@@ -119,7 +119,7 @@ def restore_storage(model: onnx.ModelProto, kind: int) -> tuple[onnx.ModelProto,
     for n in _all_nodes(g):
         for i in n.input:
             readers.setdefault(i, set()).add(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
-    outputs = {o.name for o in g.output}
+    outputs = {o.name for o in g.output} | {i.name for i in g.input}  # IR < 4 lists weights as inputs
     used = _names(g)
     casts, count = [], 0
     for i, t in enumerate(g.initializer):
@@ -128,8 +128,9 @@ def restore_storage(model: onnx.ModelProto, kind: int) -> tuple[onnx.ModelProto,
             continue
         stored = _fresh(used, f"{t.name}_{KIND[kind]}")
         value = model_io.tensor_array(t)
-        half = numpy_helper.from_array(value.astype(np.float16), stored) if kind == onnx.TensorProto.FLOAT16 \
-            else helper.make_tensor(stored, kind, value.shape, value.astype(np.float32).ravel().tolist())
+        half = _exact_half(value, kind, stored)
+        if half is None:  # float32 in the source (e.g. Resize scales), or folded: stays float32
+            continue
         casts.append(helper.make_node("Cast", [stored], [t.name], to=FLOAT, name=_fresh(used, f"{t.name}_to_float32")))
         g.initializer[i].CopyFrom(half)
         count += 1
@@ -137,6 +138,22 @@ def restore_storage(model: onnx.ModelProto, kind: int) -> tuple[onnx.ModelProto,
     del g.node[:]
     g.node.extend(nodes)
     return model, count
+
+
+def _exact_half(value: np.ndarray, kind: int, name: str) -> onnx.TensorProto | None:
+    """``value`` in ``kind`` when that type holds it exactly (as every upcast half weight
+    does), else None: a float32 constant of the source keeps its precision."""
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    if kind == onnx.TensorProto.FLOAT16:
+        with np.errstate(over="ignore"):
+            half = value.astype(np.float16)
+        return numpy_helper.from_array(half, name) if np.array_equal(half.astype(np.float32), value) else None
+    bits = value.view(np.uint32)
+    if np.any(bits & 0xFFFF):
+        return None
+    t = onnx.TensorProto(name=name, data_type=kind, dims=value.shape)
+    t.raw_data = (bits >> 16).astype("<u2").tobytes()
+    return t
 
 
 def _integer_op(op: str) -> bool:

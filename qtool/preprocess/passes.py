@@ -265,6 +265,11 @@ def einsum_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | Non
     return rewrite_einsum(model)
 
 
+def separate_subgraph_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    from ..subgraphs import separate_names
+    return separate_names(model)
+
+
 def upgrade_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     return model_io.ensure_opset(model)
 
@@ -287,7 +292,7 @@ def run_all(model: onnx.ModelProto, enabled: bool = True) -> PassResult:
     """fp16/bf16 upcast and opset upgrade always (QDQ needs 13); the rest only when
     ``enabled``; shapes last."""
     notes = []
-    for p in (upcast_half,) + (ALL_PASSES if enabled else (upgrade_opset,)):
+    for p in (upcast_half, separate_subgraph_names) + (ALL_PASSES if enabled else (upgrade_opset,)):
         model, note = p(model)
         if note:
             notes.append(note)

@@ -64,8 +64,11 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     out.graph.node.extend(nodes)
     used = reads_of(out.graph.node)
     inits = out.graph.initializer
+    removed = set()
     for i in reversed(range(len(inits))):  # in place: the kept weights are not copied again
         if inits[i].name not in used:
+            removed.add(inits[i].name)
             del inits[i]
+    qdq.drop_stale_inputs(out.graph, removed)  # IR < 4 lists weights as graph inputs too
     qdq.ensure_ms_opset(out)
     return out
