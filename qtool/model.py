@@ -18,8 +18,12 @@ MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB limit
 #: A model with external data bigger than this (file + data) is loaded without its weights: they
 #: stay on disk, read one tensor at a time, and every onnx/onnxruntime call goes by path (see
-#: :func:`by_path`). Tests lower it to run that path on small models.
-LARGE_MODEL_BYTES = EXTERNAL_DATA_THRESHOLD
+#: :func:`by_path`). Loaded whole, a model costs ~6x its size in memory (copies in shape
+#: inference and pre-processing). Tests lower it to run that path on small models.
+LARGE_MODEL_BYTES = 512 * 1024**2
+#: A model held in memory with more tensor bytes than this goes by path too (protobuf cannot
+#: serialize 2 GiB).
+SERIALIZE_LIMIT = EXTERNAL_DATA_THRESHOLD
 
 
 def load(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto:
@@ -57,16 +61,23 @@ def load(path: str | os.PathLike, load_external: bool = True) -> onnx.ModelProto
 
 def all_tensors(graph: onnx.GraphProto):
     """Every TensorProto of ``graph``: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
+    return (t for t, _ in _tensors(graph))
+
+
+def _tensors(graph: onnx.GraphProto):
+    """(tensor, is an initializer) for every tensor of ``graph``, subgraphs included."""
+    for t in graph.initializer:
+        yield t, True
     for node in graph.node:
         for a in node.attribute:
             if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
+                yield a.t, False
+            for t in a.tensors:
+                yield t, False
             if a.HasField("g"):
-                yield from all_tensors(a.g)
+                yield from _tensors(a.g)
             for g in a.graphs:
-                yield from all_tensors(g)
+                yield from _tensors(g)
 
 
 def is_external(t: onnx.TensorProto) -> bool:
@@ -155,8 +166,8 @@ def inline_bytes(model: onnx.ModelProto) -> int:
 
 def by_path(model: onnx.ModelProto) -> bool:
     """Whether onnx and onnxruntime must read this model from a file: its weights stay on
-    disk, or it holds more than :data:`LARGE_MODEL_BYTES` (protobuf cannot serialize 2 GiB)."""
-    return has_external_data(model) or inline_bytes(model) > LARGE_MODEL_BYTES
+    disk, or it holds more than :data:`SERIALIZE_LIMIT` in memory."""
+    return has_external_data(model) or inline_bytes(model) > SERIALIZE_LIMIT
 
 
 def data_folder(model: onnx.ModelProto) -> Path | None:
@@ -168,40 +179,48 @@ def data_folder(model: onnx.ModelProto) -> Path | None:
 INLINE_LIMIT = 1024**2  # in a temporary model file, tensors held in memory above this size go to a data file
 
 
+def skeleton(model: onnx.ModelProto, folder: Path, data: Path | None = None, with_data: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` to be written in ``folder``: its tensors on disk name their data
+    relative to it; tensors held in memory above :data:`INLINE_LIMIT` go to ``data`` when the
+    proto would be too big to serialize, or, ``with_data=False`` (shape inference, which reads
+    only types and shapes), are marked external without writing their bytes."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in all_tensors(out.graph):
+        if is_external(t):
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = os.path.relpath(e.value, folder)
+    if not with_data:
+        _externalize(out, None)
+    elif inline_bytes(out) > SERIALIZE_LIMIT:
+        if data is None:
+            raise ModelError("the model holds too much in memory to hand to onnxruntime without a data file")
+        _externalize(out, data)
+    return out
+
+
 @contextlib.contextmanager
 def temp_model_file(model: onnx.ModelProto, folder: str | os.PathLike | None = None, with_data: bool = True):
-    """Write ``model`` to a temporary ``.onnx`` file and yield its path; removed on exit
-    (and on Ctrl-C or SIGTERM; after a SIGKILL by the next write to that folder).
+    """Write ``model`` to a temporary ``.onnx`` file (:func:`skeleton`) and yield its path;
+    removed on exit (and on Ctrl-C or SIGTERM; after a SIGKILL by the next write to that folder).
 
     The file goes in the folder of the model's external data (onnxruntime only reads data
-    files inside the model's folder), else in ``folder`` or the system's temporary folder,
-    and its tensors name their data relative to it. Tensors held in memory above
-    :data:`INLINE_LIMIT` go to a temporary data file beside it when the proto would be too
-    big to serialize; with ``with_data=False`` (shape inference) they are only marked external
-    and no bytes are written."""
+    files inside the model's folder; not with ``with_data=False``), else in ``folder`` or
+    the system's temporary folder."""
     home = data_folder(model) if with_data else None
     where = Path(home or folder or tempfile.gettempdir())
     if not os.access(where, os.W_OK | os.X_OK):
-        raise ModelError(f"{where}: not writable; a model over 2 GB is handed to onnx and onnxruntime as a "
-                         "temporary file beside its external data: copy the model to a writable folder")
+        raise ModelError(f"{where}: not writable; qtool hands a model whose weights stay on disk to onnxruntime "
+                         "as a temporary file beside its data: copy the model to a writable folder")
     remove_stale_temporaries(where)
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".onnx", dir=where)
     os.close(fd)
     tmp = Path(tmp)
     data = tmp.with_name(tmp.name + ".data")
     try:
-        skeleton = onnx.ModelProto()
-        skeleton.CopyFrom(model)
-        for t in all_tensors(skeleton.graph):
-            if is_external(t):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = os.path.relpath(e.value, where)
-        if inline_bytes(skeleton) > LARGE_MODEL_BYTES:
-            _externalize(skeleton, data if with_data else None)
         with open(tmp, "wb") as f:
-            f.write(skeleton.SerializeToString())
-        del skeleton
+            f.write(skeleton(model, where, data, with_data).SerializeToString())
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
@@ -211,7 +230,6 @@ def temp_model_file(model: onnx.ModelProto, folder: str | os.PathLike | None = N
 def _externalize(model: onnx.ModelProto, data: Path | None) -> None:
     """Move initializers held in memory above :data:`INLINE_LIMIT` to ``data`` (None: mark
     them external without writing their bytes, for onnx's shape inference)."""
-    from onnx.external_data_helper import set_external_data
     name = data.name if data is not None else "absent.data"
     f = open(data, "ab") if data is not None else None
     try:
@@ -221,8 +239,7 @@ def _externalize(model: onnx.ModelProto, data: Path | None) -> None:
             offset = f.tell() if f is not None else 0
             if f is not None:
                 f.write(t.raw_data)
-            set_external_data(t, name, offset, len(t.raw_data))
-            t.data_location = onnx.TensorProto.EXTERNAL
+            _set_external(t, name, offset, len(t.raw_data))
             t.ClearField("raw_data")
     finally:
         if f is not None:
@@ -366,58 +383,56 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | 
 
 
 def _load_into(t: onnx.TensorProto) -> None:
-    """Bring a tensor's bytes from its data file into the proto."""
-    from onnx import numpy_helper
-    t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+    """Bring a tensor's bytes from its data file into the proto, as onnx's load does."""
+    info = _external_info(t)
+    with open(info["location"], "rb") as f:
+        f.seek(int(info.get("offset") or 0))
+        t.raw_data = f.read(int(info.get("length") or _nbytes(t)))
+    t.data_location = onnx.TensorProto.DEFAULT
+    del t.external_data[:]
 
 
 def _stream_save(model: onnx.ModelProto, path: Path, data_name: str) -> None:
     """Write ``model`` with its tensors' data in ``data_name`` beside ``path``, one tensor at
-    a time: bytes still on disk are copied across in chunks, and initializers held in memory
-    (1 KiB or more, as onnx's save does) are written and dropped from the proto; nothing is
-    held twice."""
-    from onnx.external_data_helper import set_external_data
+    a time, in onnx's order: bytes still on disk are copied across in chunks, and initializers
+    held in memory (1 KiB or more, as onnx's save does) are written and dropped from the
+    proto; nothing is held twice."""
     with open(path.parent / data_name, "wb") as out:
-        for t in all_tensors(model.graph):
-            if not is_external(t):
-                continue
-            info = _external_info(t)
-            offset, length = int(info.get("offset") or 0), int(info.get("length") or _nbytes(t))
+        for t, initializer in _tensors(model.graph):
             start = out.tell()
-            with open(info["location"], "rb") as src:
-                src.seek(offset)
-                remaining = length
-                while remaining:
-                    chunk = src.read(min(remaining, 64 * 1024**2))
-                    if not chunk:
-                        raise ModelError(f"{info['location']}: ends before tensor {t.name!r}'s data")
-                    out.write(chunk)
-                    remaining -= len(chunk)
-            del t.external_data[:]
-            set_external_data(t, data_name, start, length)
-        for t in _initializers(model.graph):
-            if is_external(t) or not t.HasField("raw_data"):
-                continue
-            raw = t.raw_data
-            if len(raw) + 33 < 1024:  # onnx's size_threshold counts sys.getsizeof(bytes)
-                continue
-            start = out.tell()
-            out.write(raw)
-            set_external_data(t, data_name, start, len(raw))
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.ClearField("raw_data")
-            del raw
+            if is_external(t) and (not initializer or int(_external_info(t).get("length") or _nbytes(t)) + 33 < 1024):
+                _load_into(t)  # an attribute, or too small: onnx's save keeps it inline, so does this
+            if is_external(t):
+                info = _external_info(t)
+                offset, length = int(info.get("offset") or 0), int(info.get("length") or _nbytes(t))
+                with open(info["location"], "rb") as src:
+                    src.seek(offset)
+                    remaining = length
+                    while remaining:
+                        chunk = src.read(min(remaining, 64 * 1024**2))
+                        if not chunk:
+                            raise ModelError(f"{info['location']}: ends before tensor {t.name!r}'s data")
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                _set_external(t, data_name, start, length)
+            elif initializer and t.HasField("raw_data"):
+                raw = t.raw_data
+                if len(raw) + 33 < 1024:  # onnx's size_threshold counts sys.getsizeof(bytes)
+                    continue
+                out.write(raw)
+                _set_external(t, data_name, start, len(raw))
+                t.ClearField("raw_data")
+                del raw
     path.write_bytes(model.SerializeToString())
 
 
-def _initializers(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("g"):
-                yield from _initializers(a.g)
-            for g in a.graphs:
-                yield from _initializers(g)
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Point ``t`` at its bytes in ``location`` (the entries onnx's set_external_data writes)."""
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
 
 
 def default_opset(model: onnx.ModelProto) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -51,6 +52,12 @@ def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], thre
     providers = [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
     if not isinstance(model, str) and model_io.by_path(model):
         # weights on disk or over 2 GiB: onnxruntime reads a temporary file beside the data
+        folder = model_io.data_folder(model)
+        if (folder is not None and not os.access(folder, os.W_OK | os.X_OK)
+                and model_io.inline_bytes(model) <= model_io.SERIALIZE_LIMIT):
+            # a read-only folder: the graph alone from memory, the weights from the files there
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+            return _session(model_io.skeleton(model, folder).SerializeToString(), opts, providers)
         with model_io.temp_model_file(model) as path:
             return _session(str(path), opts, providers)
     return _session(model if isinstance(model, str) else model.SerializeToString(), opts, providers)
