@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import GraphView, infer_shapes
+from .rewrite.names import fresh as _fresh
 
 BODY_ATTRS = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
 EXPOSED_PREFIX = "qtool_calibration_"
@@ -229,14 +230,6 @@ def _extend_scan_attrs(node: onnx.NodeProto, extra: int) -> None:
         if a.name in ("scan_output_axes", "scan_output_directions"):
             a.ints.extend([0] * extra)
 
-
-def _fresh(used: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in used:
-        name = f"{base}_{k}"
-        k += 1
-    used.add(name)
-    return name
 
 
 def node_keys(model: onnx.ModelProto) -> frozenset[str]:

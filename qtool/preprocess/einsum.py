@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from .. import model as model_io
 from ..graph import GraphView
+from ..rewrite.names import fresh as _fresh
 
 
 def _terms(equation: str) -> tuple[str, str, str] | None:
@@ -144,11 +145,3 @@ def _read_once(view: GraphView, name: str) -> bool:
     return len(view.consumers.get(name, [])) == 1 and name not in view.graph_outputs \
         and name not in {i.name for i in view.graph.input}
 
-
-def _fresh(used: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in used:
-        name = f"{base}_{k}"
-        k += 1
-    used.add(name)
-    return name

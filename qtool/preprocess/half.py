@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import model as model_io
+from ..rewrite.names import fresh as _fresh
 
 FLOAT = onnx.TensorProto.FLOAT
 HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -178,14 +179,6 @@ def _names(g: onnx.GraphProto) -> set[str]:
         used.add(n.name)
     return used
 
-
-def _fresh(used: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in used:
-        name = f"{base}_{k}"
-        k += 1
-    used.add(name)
-    return name
 
 
 def _rename_reads(g: onnx.GraphProto, old: str, new: str) -> None:
