@@ -334,9 +334,9 @@ def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | P
         from .task import load_task
         task = load_task(options.task)
     report = run_pair(reference, candidate, ds, label_array, options, limit,
-                      _size_on_disk(reference, ref), _size_on_disk(candidate, cand), task)
-    return judge(report, Thresholds(options.max_drop, options.min_agreement, options.min_cosine,
-                                    options.max_task_drop))
+                      _size_on_disk(reference, ref), _size_on_disk(candidate, cand), task,
+                      labels_given=labels is not None)
+    return judge(report, Thresholds.from_options(options))
 
 
 def _labels(ds: Dataset, labels, limit) -> np.ndarray | None:

@@ -1,4 +1,5 @@
-"""Run a reference and a candidate model over the same data, then time them."""
+"""Run a reference and a candidate model over the same data, then time them and count the
+kernels onnxruntime runs for each."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from . import runtime
 from .config import EvalOptions
 from .data import Dataset
 from .errors import DataError
-from .evaluation import Latency, OutputStats, Report
+from .evaluation import Latency, OutputStats, Report, Speedup, class_scores, is_classifier_output
 
 
 def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, options: EvalOptions,
-             limit: int | None, size_ref: int, size_cand: int, task=None) -> Report:
+             limit: int | None, size_ref: int, size_cand: int, task=None,
+             labels_given: bool = True) -> Report:
+    """Both models over ``ds``: per-output metrics, accuracy against ``labels`` (read from the
+    first classifier-shaped output, see ``evaluation.is_classifier_output``), the task metric,
+    paired timing and kernel counts. ``labels_given``: the labels were asked for (--labels);
+    then a model without a classifier-shaped output is an error, else a note."""
     choice = runtime.pick_provider(options.provider)
     notes = [choice.note] if choice.note else []
     if choice.requested == "cuda":
@@ -30,6 +36,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
     stats = {n: OutputStats(n) for n in names}
     correct_r = correct_c = seen = 0
     first = None
+    head = None  # index of the output accuracy is read from
     rows_r, rows_c = [], []
     for batch in ds.batches(options.batch_size, limit):
         feeds = {k: batch[k] for k in inputs}
@@ -39,25 +46,45 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         for name, a, b in zip(names, out_r, out_c):
             stats[name].update(a, b)
         if task is not None:
-            rows_r.append(np.asarray(task.reduce(dict(zip(names, out_r)), batch)))
-            rows_c.append(np.asarray(task.reduce(dict(zip(names, out_c)), batch)))
+            rows_r.append(task.rows(dict(zip(names, out_r)), batch))
+            rows_c.append(task.rows(dict(zip(names, out_c)), batch))
+        n = len(out_r[0])
         if labels is not None:
-            y = labels[seen:seen + len(out_r[0])]
-            classes = out_r[0].reshape(len(y), -1).shape[1]
+            if head is None:
+                head = next((i for i, (name, a) in enumerate(zip(names, out_r)) if is_classifier_output(name, a)), -1)
+                if head < 0:
+                    shapes = ", ".join(f"{name} {list(a.shape)} {a.dtype}" for name, a in zip(names, out_r))
+                    if labels_given:
+                        raise DataError(f"labels need a classifier-shaped output (float [batch, classes>=2] or "
+                                        f"[batch, 1, classes]) and the model has none ({shapes}); drop --labels, "
+                                        "or gate with --task")
+                    notes.append(f"the data's labels were not used: no classifier-shaped output ({shapes})")
+                    labels = None
+        if labels is not None:
+            y = labels[seen:seen + n]
+            scores_r, scores_c = class_scores(out_r[head]), class_scores(out_c[head])
+            classes = scores_r.shape[1]
             if y.size and y.max() >= classes:
                 raise DataError(f"label {int(y.max())} is outside the model's {classes} classes "
-                                f"(output {names[0]!r}); give labels 0..{classes - 1}")
-            correct_r += int((out_r[0].reshape(len(y), -1).argmax(1) == y).sum())
-            correct_c += int((out_c[0].reshape(len(y), -1).argmax(1) == y).sum())
-        seen += len(out_r[0])
-    lat_r, lat_c = runtime.time_pair(sess_r, sess_c, first, options.warmup, options.repeats)
+                                f"(output {names[head]!r}); give labels 0..{classes - 1}")
+            correct_r += int((scores_r.argmax(1) == y).sum())
+            correct_c += int((scores_c.argmax(1) == y).sum())
+        seen += n
+    lat_r, lat_c, ratios = runtime.time_pair(sess_r, sess_c, first, options.warmup, options.repeats)
     batch = len(next(iter(first.values())))
     acc_r = correct_r / seen if labels is not None else None
     acc_c = correct_c / seen if labels is not None else None
     task_scores = (None, None, None)
     if task is not None:
-        task_scores = (task.name, float(task.score(np.concatenate(rows_r))), float(task.score(np.concatenate(rows_c))))
+        task_scores = (task.name, *task.evaluate(rows_r, rows_c))
+    kernels = []
+    for path in (reference, candidate):
+        counts, note = runtime.kernel_counts(str(path), choice.used, options.threads)
+        kernels.append(counts)
+        if note:
+            notes.append(note)
     return Report(str(reference), str(candidate), seen, provider, tuple(s.result() for s in stats.values()),
                   size_ref, size_cand, Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),
                   Latency(lat_c.median_ms, lat_c.p90_ms, lat_c.runs, batch), acc_r, acc_c,
-                  options.threads, (), tuple(notes), *task_scores)
+                  options.threads, (), tuple(notes), *task_scores, paired_speedup=Speedup.from_ratios(ratios),
+                  kernels_reference=kernels[0], kernels_candidate=kernels[1])

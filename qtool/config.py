@@ -135,7 +135,11 @@ class QuantizeOptions:
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """Gates and timing for ``qtool eval``; a gate left as None is not checked."""
+    """Gates and timing for ``qtool eval``; a gate left as None is not checked.
+
+    min_speedup gates the median per-pair speedup (reference_ms / candidate_ms of
+    interleaved runs); min_snr, in dB, the lowest SNR over the outputs.
+    """
 
     provider: str = "cpu"
     batch_size: int = 64
@@ -147,8 +151,12 @@ class EvalOptions:
     min_cosine: float | None = None
     max_task_drop: float | None = None
     task: str | None = None
+    min_speedup: float | None = None
+    min_snr: float | None = None
 
     def __post_init__(self):
+        if self.min_speedup is not None and not self.min_speedup > 0:
+            raise ConfigError(f"eval.min_speedup must be a positive number, got {self.min_speedup!r}")
         _choice("eval.provider", self.provider, ("cpu", "cuda"))
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.repeats", self.repeats)

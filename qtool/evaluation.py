@@ -1,17 +1,69 @@
 """Side-by-side evaluation of a reference and a candidate model: metrics, gates, report.
 
 A report is a frozen record with a JSON round trip, so it can be saved and
-re-judged against new thresholds (:func:`judge`) without running inference again.
+re-judged against new thresholds (:func:`judge`, ``qtool eval --from REPORT.json``)
+without running inference again.
+
+Speed is measured as paired, interleaved runs (``runtime.time_pair``): each pair
+runs both models back to back, alternating which goes first, and gives one ratio
+reference_ms / candidate_ms. :class:`Speedup` holds the median of those per-pair
+ratios and their p10-p90 spread; ``Report.speedup`` is that median. The spread is
+"too wide to call" (a ``warning:`` line in the table and ``Report.warnings``) when
+(p90 - p10) / median exceeds :data:`SPREAD_LIMIT`, or when the p10-p90 interval
+contains the value a verdict depends on: the ``--min-speedup`` threshold when that
+gate is set, else 1.0 (faster or slower cannot be told apart).
+
+Report format 2 added ``paired_speedup``, ``kernels_reference``/``kernels_candidate``
+and ``warnings``; a format-1 report still loads (its speedup is the ratio of the
+median latencies, without a spread).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
-REPORT_FORMAT_VERSION = 1
+from .errors import QtoolError
+
+REPORT_FORMAT = "qtool.eval"
+REPORT_FORMAT_VERSION = 2
+SPREAD_LIMIT = 0.5  # (p90 - p10) / median of the per-pair speedups above this: too wide to call
+
+# output names that mark a regression head, not class scores (see is_classifier_output)
+_NOT_CLASSES = re.compile(r"box|coord|regress|landmark|anchor|offset|delta|keypoint", re.IGNORECASE)
+
+
+class ReportError(QtoolError):
+    """A saved report (``--from``) is unreadable, malformed or not a qtool.eval report."""
+
+
+def is_classifier_output(name: str, value: np.ndarray) -> bool:
+    """Whether an output holds class scores, so that its argmax is a predicted class.
+
+    Classifier-shaped means: a floating-point tensor of shape [batch, classes] or
+    [batch, 1, classes] with classes >= 2, whose name does not mark a regression head
+    (it contains none of box, coord, regress, landmark, anchor, offset, delta,
+    keypoint, case-insensitive). [batch, 1] (a single score or a sigmoid), higher
+    ranks (feature maps, sequences, [batch, N, 4] boxes) and integer outputs are
+    not. Only such outputs get top-1 agreement, and accuracy against labels is
+    read from the first of them.
+    """
+    if not np.issubdtype(value.dtype, np.floating):
+        return False
+    shape = value.shape
+    if len(shape) == 3 and shape[1] == 1:
+        shape = (shape[0], shape[2])
+    return len(shape) == 2 and shape[1] >= 2 and not _NOT_CLASSES.search(name)
+
+
+def class_scores(value: np.ndarray) -> np.ndarray:
+    """A classifier-shaped output as [batch, classes]."""
+    return value.reshape(len(value), -1)
 
 
 class OutputStats:
@@ -27,25 +79,26 @@ class OutputStats:
         self.cos_sum = 0.0
         self.rows = 0
         self.agree = 0
-        self.classifier = False
+        self.classifier: bool | None = None  # decided by every batch (see is_classifier_output)
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        ref = ref.astype(np.float64)
-        err = cand.astype(np.float64) - ref
+        classifier = is_classifier_output(self.name, ref)
+        self.classifier = classifier if self.classifier is None else self.classifier and classifier
+        ref64 = ref.astype(np.float64)
+        err = cand.astype(np.float64) - ref64
         if err.size:
             self.max_abs = max(self.max_abs, float(np.abs(err).max()))
         self.sum_abs += float(np.abs(err).sum())
         self.count += err.size
-        self.signal += float((ref * ref).sum())
+        self.signal += float((ref64 * ref64).sum())
         self.noise += float((err * err).sum())
-        a, b = ref.reshape(len(ref), -1), cand.astype(np.float64).reshape(len(ref), -1)
+        a, b = ref64.reshape(len(ref), -1), cand.astype(np.float64).reshape(len(ref), -1)
         denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cos = np.where(denom > 0, (a * b).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
         self.cos_sum += float(cos.sum())
         self.rows += len(ref)
-        if ref.ndim == 2 and ref.shape[1] > 1:
-            self.classifier = True
-            self.agree += int((ref.argmax(1) == cand.argmax(1)).sum())
+        if self.classifier:
+            self.agree += int((class_scores(ref).argmax(1) == class_scores(cand).argmax(1)).sum())
 
     def result(self) -> "OutputMetrics":
         snr = float("inf") if self.noise == 0 else 10 * np.log10(max(self.signal, 1e-300) / self.noise)
@@ -70,6 +123,119 @@ class Latency:
     p90_ms: float
     runs: int
     batch: int
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """Per-pair speedups (reference_ms / candidate_ms of one interleaved pair): median, p10, p90."""
+
+    median: float
+    p10: float
+    p90: float
+    pairs: int
+
+    @classmethod
+    def from_ratios(cls, ratios) -> "Speedup":
+        r = np.asarray(ratios, dtype=np.float64)
+        r = r[np.isfinite(r) & (r > 0)]
+        if not r.size:
+            raise ValueError("no finite per-pair ratios")
+        return cls(float(np.median(r)), float(np.percentile(r, 10)), float(np.percentile(r, 90)), int(r.size))
+
+    @property
+    def relative_spread(self) -> float:
+        return (self.p90 - self.p10) / self.median
+
+    def spread(self) -> str:
+        return f"p10-p90 {self.p10:.2f}-{self.p90:.2f}x over {self.pairs} pairs"
+
+    def warning(self, threshold: float | None = None) -> str | None:
+        """Why this measurement cannot decide, or None when it can (see the module docstring)."""
+        at = 1.0 if threshold is None else threshold
+        what = f"--min-speedup {threshold:g}" if threshold is not None else "1.0 (no speed-up)"
+        if self.p10 < at < self.p90:
+            return (f"speedup {self.median:.2f}x is too noisy to call: its {self.spread()} contains {what}; "
+                    "pin --threads, raise --repeats or use a quieter machine")
+        if self.relative_spread > SPREAD_LIMIT:
+            return (f"speedup {self.median:.2f}x is too noisy to call: {self.spread()} spans "
+                    f"{self.relative_spread:.0%} of the median (limit {SPREAD_LIMIT:.0%}); "
+                    "pin --threads, raise --repeats or use a quieter machine")
+        return None
+
+
+# Integer kernels: node types (any domain) that compute on quantized data in onnxruntime's
+# optimised graph. Besides these names, every op type starting with QLinear, NhwcQLinear or
+# QOrdered counts. MatMulNBits is a weight-only (int4/int8 weights) kernel. Ops that ORT runs
+# on uint8 after dropping their Q/DQ (MaxPool, Reshape, Transpose, ...) keep their float names
+# and are not counted.
+INTEGER_KERNELS = frozenset({
+    "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLinear",
+    "ConvInteger", "QGemm", "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeLSTM",
+    "NhwcMaxPool", "MatMulNBits"})
+_INTEGER_PREFIXES = ("QLinear", "NhwcQLinear", "QOrdered")
+
+
+def is_integer_kernel(op_type: str) -> bool:
+    return op_type in INTEGER_KERNELS or op_type.startswith(_INTEGER_PREFIXES)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What onnxruntime runs after its optimisations (counted in the optimised session graph).
+
+    integer: integer kernels by op type (see :data:`INTEGER_KERNELS`). unfused_quantize /
+    unfused_dequantize: QuantizeLinear/DequantizeLinear left around float ops, i.e. a
+    Q whose every consumer is a DQ, and a DQ whose input is a Q's output or a constant
+    (a weight dequantized for a float op). quantize / dequantize: all Q and DQ left,
+    including the boundaries where the graph enters and leaves integer kernels.
+    """
+
+    integer: dict[str, int] = field(default_factory=dict)
+    quantize: int = 0
+    dequantize: int = 0
+    unfused_quantize: int = 0
+    unfused_dequantize: int = 0
+
+    @property
+    def integer_total(self) -> int:
+        return sum(self.integer.values())
+
+    def describe(self) -> str:
+        ops = ", ".join(f"{op} {n}" for op, n in self.integer.items())
+        return (f"integer kernels: {self.integer_total}" + (f" ({ops})" if ops else "")
+                + f"; Q/DQ left unfused: {self.unfused_quantize} Q, {self.unfused_dequantize} DQ"
+                + (f" (boundaries: {self.quantize - self.unfused_quantize} Q, "
+                   f"{self.dequantize - self.unfused_dequantize} DQ)"
+                   if self.quantize + self.dequantize > self.unfused_quantize + self.unfused_dequantize else ""))
+
+
+def count_kernels(nodes) -> Kernels:
+    """Count the nodes of an optimised graph as :class:`Kernels`.
+
+    ``nodes``: ``(op_type, inputs, outputs, constants)`` per node, where ``constants`` is
+    the set of names that are initializers or Constant outputs in the node's scope.
+    """
+    nodes = list(nodes)
+    producer = {o: op for op, _, outs, _ in nodes for o in outs}
+    consumers: dict[str, list[str]] = {}
+    for op, ins, _, _ in nodes:
+        for i in ins:
+            consumers.setdefault(i, []).append(op)
+    integer: dict[str, int] = {}
+    q = dq = uq = udq = 0
+    for op, ins, outs, constants in nodes:
+        if is_integer_kernel(op):
+            integer[op] = integer.get(op, 0) + 1
+        elif op == "QuantizeLinear":
+            q += 1
+            users = [c for o in outs for c in consumers.get(o, ())]
+            uq += bool(users) and all(c == "DequantizeLinear" for c in users)
+        elif op == "DequantizeLinear":
+            dq += 1
+            src = ins[0] if ins else ""
+            udq += src in constants or producer.get(src) == "QuantizeLinear"
+    ordered = dict(sorted(integer.items(), key=lambda kv: (-kv[1], kv[0])))
+    return Kernels(ordered, q, dq, uq, udq)
 
 
 @dataclass(frozen=True)
@@ -100,6 +266,10 @@ class Report:
     task: str | None = None
     task_reference: float | None = None
     task_candidate: float | None = None
+    paired_speedup: Speedup | None = None
+    kernels_reference: Kernels | None = None
+    kernels_candidate: Kernels | None = None
+    warnings: tuple[str, ...] = ()
     format_version: int = REPORT_FORMAT_VERSION
 
     @property
@@ -108,6 +278,9 @@ class Report:
 
     @property
     def speedup(self) -> float | None:
+        """The median per-pair speedup; for a format-1 report, the ratio of the median latencies."""
+        if self.paired_speedup is not None:
+            return self.paired_speedup.median
         if not self.latency_reference or not self.latency_candidate:
             return None
         return self.latency_reference.median_ms / self.latency_candidate.median_ms
@@ -130,12 +303,16 @@ class Report:
         return values[0] if values else None
 
     @property
+    def min_snr_db(self) -> float | None:
+        return min(o.snr_db for o in self.outputs) if self.outputs else None
+
+    @property
     def passed(self) -> bool:
         return all(g.passed for g in self.gates)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["format"] = "qtool.eval"
+        d["format"] = REPORT_FORMAT
         d["size_ratio"], d["speedup"], d["accuracy_drop"] = self.size_ratio, self.speedup, self.accuracy_drop
         d["task_drop"] = self.task_drop
         d["passed"] = self.passed
@@ -143,57 +320,139 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
+        """A report from :meth:`to_dict` (format 1 or 2); derived keys are recomputed."""
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["outputs"] = tuple(OutputMetrics(**o) for o in d["outputs"])
         d["gates"] = tuple(Gate(**g) for g in d.get("gates", ()))
         d["notes"] = tuple(d.get("notes", ()))
+        d["warnings"] = tuple(d.get("warnings", ()))
         for key in ("latency_reference", "latency_candidate"):
             d[key] = Latency(**d[key]) if d.get(key) else None
+        d["paired_speedup"] = Speedup(**d["paired_speedup"]) if d.get("paired_speedup") else None
+        for key in ("kernels_reference", "kernels_candidate"):
+            d[key] = Kernels(**d[key]) if d.get(key) else None
         return cls(**d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
 
+def load_report(path: str | Path) -> Report:
+    """Read a report written by ``qtool eval --json``; anything else is a one-line ReportError."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{p}: no such report file") from None
+    except IsADirectoryError:
+        raise ReportError(f"{p}: is a folder, not a report file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ReportError(f"{p}: not a JSON report ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+        raise ReportError(f"{p}: not a qtool eval report (no \"format\": \"{REPORT_FORMAT}\"); "
+                          "write one with qtool eval ... --json REPORT.json")
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= REPORT_FORMAT_VERSION:
+        raise ReportError(f"{p}: report format_version {version!r} is not one this qtool reads "
+                          f"(1..{REPORT_FORMAT_VERSION}); upgrade qtool or re-run qtool eval")
+    try:
+        report = Report.from_dict(data)
+        _check_report(report)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ReportError(f"{p}: malformed qtool eval report ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return report
+
+
+def _check_report(r: Report) -> None:
+    def number(x, optional=True):
+        if x is None and optional:
+            return
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"expected a number, got {x!r}")
+
+    for x in (r.accuracy_reference, r.accuracy_candidate, r.task_reference, r.task_candidate):
+        number(x)
+    number(r.size_reference, False)
+    number(r.size_candidate, False)
+    if r.size_reference <= 0:
+        raise ValueError("size_reference must be positive")
+    for o in r.outputs:
+        for x in (o.max_abs_error, o.mean_abs_error, o.cosine, o.snr_db):
+            number(x, False)
+        number(o.top1_agreement)
+    for lat in (r.latency_reference, r.latency_candidate):
+        if lat is not None:
+            number(lat.median_ms, False)
+            number(lat.p90_ms, False)
+    if r.paired_speedup is not None:
+        for x in (r.paired_speedup.median, r.paired_speedup.p10, r.paired_speedup.p90):
+            number(x, False)
+    for k in (r.kernels_reference, r.kernels_candidate):
+        if k is not None and not isinstance(k.integer, dict):
+            raise TypeError("kernels.integer must be an object of op type -> count")
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """max_drop is absolute, in the metric's own units: 0.003 = 0.3 points of accuracy."""
+    """Gates; None is not checked. max_drop is absolute, in the metric's own units: 0.003 = 0.3
+    points of accuracy. min_speedup gates the median per-pair speedup (reference_ms /
+    candidate_ms); min_snr is in dB and gates the lowest SNR over the outputs."""
 
     max_drop: float | None = None
     min_agreement: float | None = None
     min_cosine: float | None = None
     max_task_drop: float | None = None
+    min_speedup: float | None = None
+    min_snr: float | None = None
+
+    @classmethod
+    def from_options(cls, options) -> "Thresholds":
+        """The gates a ``qtool.config.EvalOptions`` sets."""
+        return cls(**{f: getattr(options, f) for f in cls.__dataclass_fields__})
 
 
 def judge(report: Report, t: Thresholds) -> Report:
-    """Check the thresholds; each failed gate says by how much and what would pass."""
+    """Check the thresholds (they replace the report's gates); each failed gate says by how much
+    and what would pass. Also recomputes ``warnings`` (a speedup too noisy to call)."""
     cosine = min(o.cosine for o in report.outputs) if report.outputs else None
-    checks = [  # name, threshold, value, upper bound?, what, flag, why a missing value fails
+    sp = report.paired_speedup
+    spread = f" ({sp.spread()})" if sp else " (ratio of medians; no per-pair spread in this report)"
+    checks = [  # name, threshold, value, upper bound?, what, flag, why a missing value fails, unit
         ("max_drop", t.max_drop, report.accuracy_drop, True, "accuracy drop", "--max-drop",
-         "max-drop needs labels (a 'labels' array in the data or --labels)"),
+         "max-drop needs labels (a 'labels' array in the data or --labels)", ""),
         ("min_agreement", t.min_agreement, report.agreement, False, "top-1 agreement", "--min-agreement",
-         "min-agreement needs a classifier-shaped output [batch, classes]"),
+         "min-agreement needs a classifier-shaped output [batch, classes]", ""),
         ("max_task_drop", t.max_task_drop, report.task_drop, True, f"{report.task} drop", "--max-task-drop",
-         "max-task-drop needs a task file (--task)"),
-        ("min_cosine", t.min_cosine, cosine, False, "cosine similarity", "--min-cosine", "no outputs to compare"),
+         "max-task-drop needs a task file (--task)", ""),
+        ("min_cosine", t.min_cosine, cosine, False, "cosine similarity", "--min-cosine", "no outputs to compare", ""),
+        ("min_snr", t.min_snr, report.min_snr_db, False, "lowest output SNR", "--min-snr",
+         "no outputs to compare", " dB"),
+        ("min_speedup", t.min_speedup, report.speedup, False, "median per-pair speedup", "--min-speedup",
+         "min-speedup needs latency, and this report has none", "x" + spread),
     ]
     gates = []
-    for name, threshold, value, upper, what, flag, missing in checks:
+    for name, threshold, value, upper, what, flag, missing, unit in checks:
         if threshold is None:
             continue
         if value is None:
             gates.append(Gate(name, float("nan"), threshold, False, missing))
             continue
         passed = value <= threshold + 1e-12 if upper else value >= threshold
-        gates.append(_gate(name, value, threshold, passed, what, flag))
-    return replace(report, gates=tuple(gates))
+        gates.append(_gate(name, value, threshold, passed, what, flag, unit))
+    warnings = []
+    if sp is not None:
+        w = sp.warning(t.min_speedup)
+        if w:
+            warnings.append(w)
+    return replace(report, gates=tuple(gates), warnings=tuple(warnings))
 
 
-def _gate(name, value, threshold, passed, what, flag) -> Gate:
+def _gate(name, value, threshold, passed, what, flag, unit="") -> Gate:
+    shown = f"{value:.4f}" if math.isfinite(value) else str(value)
     if passed:
-        return Gate(name, value, threshold, True, f"{what} {value:.4f} within {flag} {threshold:g}")
+        return Gate(name, value, threshold, True, f"{what} {shown}{unit} within {flag} {threshold:g}")
     return Gate(name, value, threshold, False,
-                f"{what} {value:.4f} misses {flag} {threshold:g} by {abs(value - threshold):.4f}; "
+                f"{what} {shown}{unit} misses {flag} {threshold:g} by {abs(value - threshold):.4f}; "
                 f"{flag} {_round_out(value, name):g} would have passed")
 
 
@@ -214,11 +473,16 @@ def format_table(r: Report) -> str:
     rows.append(("size", _mb(r.size_reference), _mb(r.size_candidate), f"ratio {r.size_ratio:.3f}"))
     if r.latency_reference and r.latency_candidate:
         lr, lc = r.latency_reference, r.latency_candidate
+        sp = r.paired_speedup
         rows.append((f"latency median (batch {lr.batch})", f"{lr.median_ms:.3f} ms", f"{lc.median_ms:.3f} ms",
-                     f"speedup {r.speedup:.2f}x"))
+                     f"speedup {r.speedup:.2f}x" + (f" (paired, p10-p90 {sp.p10:.2f}-{sp.p90:.2f}x)" if sp
+                                                    else " (ratio of medians)")))
         rows.append(("latency p90", f"{lr.p90_ms:.3f} ms", f"{lc.p90_ms:.3f} ms", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    for label, k in (("reference", r.kernels_reference), ("candidate", r.kernels_candidate)):
+        if k is not None:
+            lines.append(f"{label} {k.describe()}")
     lines.append("")
     lines.append(f"outputs ({r.samples} samples, provider {r.provider}"
                  + (f", {r.threads} threads" if r.threads else "") + "):")
@@ -228,6 +492,8 @@ def format_table(r: Report) -> str:
                      f"cosine {o.cosine:.5f}  SNR {o.snr_db:.1f} dB{agree}")
     for note in r.notes:
         lines.append(f"note: {note}")
+    for warning in r.warnings:
+        lines.append(f"warning: {warning}")
     for g in r.gates:
         lines.append(f"{'PASS' if g.passed else 'FAIL'} {g.name}: {g.message}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The only module that imports onnxruntime: sessions, providers, timing."""
+"""The only module that imports onnxruntime: sessions, providers, timing, kernel counts."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from . import model as model_io
 from .errors import ModelError
+from .evaluation import Kernels, count_kernels
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -119,18 +120,76 @@ def time_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], warmu
     return Timing(float(np.median(arr)), float(np.percentile(arr, 90)), repeats)
 
 
-def time_pair(sess_a, sess_b, feeds: dict[str, np.ndarray], warmup: int = 5, repeats: int = 30) -> tuple[Timing, Timing]:
-    """Time two sessions interleaved run by run, so machine noise hits both alike."""
+def time_pair(sess_a, sess_b, feeds: dict[str, np.ndarray], warmup: int = 5,
+              repeats: int = 30) -> tuple[Timing, Timing, np.ndarray]:
+    """Time two sessions as ``repeats`` interleaved pairs, so machine noise hits both alike.
+
+    Each pair runs both sessions back to back; which one goes first alternates from pair
+    to pair (A then B, B then A, ...), so neither always runs on a cache the other warmed.
+    Returns each session's Timing and the per-pair ratios ``a_ms / b_ms`` (with A the
+    reference and B the candidate, the speedup of each pair).
+    """
     for _ in range(warmup):
         sess_a.run(None, feeds)
         sess_b.run(None, feeds)
-    ta, tb = [], []
-    for _ in range(repeats):
-        for sess, acc in ((sess_a, ta), (sess_b, tb)):
+    ta, tb = np.empty(repeats), np.empty(repeats)
+    for i in range(repeats):
+        order = ((sess_a, ta), (sess_b, tb)) if i % 2 == 0 else ((sess_b, tb), (sess_a, ta))
+        for sess, acc in order:
             t0 = time.perf_counter()
             sess.run(None, feeds)
-            acc.append((time.perf_counter() - t0) * 1000.0)
-    return tuple(Timing(float(np.median(a)), float(np.percentile(a, 90)), repeats) for a in (np.asarray(ta), np.asarray(tb)))
+            acc[i] = (time.perf_counter() - t0) * 1000.0
+    timings = tuple(Timing(float(np.median(a)), float(np.percentile(a, 90)), repeats) for a in (ta, tb))
+    return timings[0], timings[1], ta / np.maximum(tb, 1e-9)
+
+
+def kernel_counts(model: str, provider: str = PROVIDERS["cpu"],
+                  threads: int | None = None) -> tuple[Kernels | None, str | None]:
+    """What onnxruntime runs: integer kernels and Q/DQ left unfused in the optimised graph.
+
+    A session is made with ORT_ENABLE_ALL on ``provider`` (the same as the timed session)
+    and its optimised graph saved into a temporary folder (weights to a side file, never
+    read back), then its nodes, subgraphs included, are counted
+    (:func:`qtool.evaluation.count_kernels`). Returns ``(Kernels, None)``, or
+    ``(None, note)`` when onnxruntime cannot save the optimised graph (compiled nodes of
+    an EP such as TensorRT, a graph over 2 GB, ...).
+    """
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="qtool-opt-") as tmp:
+        out = os.path.join(tmp, "optimized.onnx")
+        try:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 4
+            if threads:
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.optimized_model_filepath = out
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          "optimized.onnx.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                          "1024")
+            providers = [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
+            ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+            graph = onnx.load(out, load_external_data=False).graph
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:200]
+            return None, (f"{os.path.basename(str(model))}: kernel counts unavailable, onnxruntime could not save "
+                          f"its optimised graph ({type(exc).__name__}: {text})")
+    return count_kernels(_graph_nodes(graph)), None
+
+
+def _graph_nodes(graph: onnx.GraphProto, outer: frozenset = frozenset()):
+    """``(op_type, inputs, outputs, constants)`` of every node, subgraphs included."""
+    constants = set(outer) | {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    frozen = frozenset(constants)
+    for node in graph.node:
+        yield node.op_type, list(node.input), list(node.output), frozen
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                        list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+                yield from _graph_nodes(sub, frozen)
 
 
 def ort_dtype(type_str: str) -> np.dtype:
