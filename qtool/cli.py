@@ -232,41 +232,70 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
 
 
 @main.command(name="eval")
-@click.argument("reference", type=click.Path())
-@click.argument("candidate", type=click.Path())
-@click.option("--data", type=click.Path(), required=True)
+@click.argument("reference", type=click.Path(), required=False)
+@click.argument("candidate", type=click.Path(), required=False)
+@click.option("--data", type=click.Path(), help="An .npz file or a directory of .npz files (not with --from).")
+@click.option("--from", "from_path", type=click.Path(), metavar="REPORT.json",
+              help="Re-judge a report saved with --json against the gates given now (no inference).")
 @click.option("--labels", type=click.Path(), help="Integer labels (.npy); default: the data's 'labels' array.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch for metrics and timing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (pin when timing).")
-@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed runs (after warm-up).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Timed pairs (after warm-up); each runs both models, alternating which goes first.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
 @click.option("--max-drop", type=float, default=None, help="Fail if accuracy drops more (0.003 = 0.3 points).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None, help="Fail below this top-1 agreement.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Fail below this cosine similarity.")
-@click.option("--task", type=click.Path(), help="Task-metric file (reduce/score hooks; see qtool/task.py).")
+@click.option("--min-snr", type=float, default=None, metavar="DB", help="Fail if any output's SNR is below DB.")
+@click.option("--min-speedup", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
+              help="Fail if the median per-pair speedup (reference ms / candidate ms) is below X.")
+@click.option("--task", type=click.Path(), help="Task-metric file (reduce/score or compare hooks; see qtool/task.py).")
 @click.option("--max-task-drop", type=float, default=None, help="Fail if the task metric drops more.")
-@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the report (re-judged, with --from) as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([eval]).")
 @handle_errors
-def eval_cmd(reference, candidate, data, labels, provider, batch_size, threads, repeats, limit,
-             max_drop, min_agreement, min_cosine, task, max_task_drop, json_path, preset):
-    """Accuracy, error, size and latency of two models side by side; gates for CI."""
-    from . import api
+def eval_cmd(reference, candidate, data, from_path, labels, provider, batch_size, threads, repeats, limit,
+             max_drop, min_agreement, min_cosine, min_snr, min_speedup, task, max_task_drop, json_path, preset):
+    """Accuracy, error, size, latency and kernels of two models side by side; gates for CI.
+
+    With --from REPORT.json, no models run: the saved report is judged again against the gates
+    given now (and the preset's [eval] gates) and printed. Exit 0 all gates passed, 1 a gate
+    failed, 2 bad input.
+    """
     from .config import override
-    from .evaluation import format_table
+    from .errors import QtoolError
+    from .evaluation import Thresholds, format_table, judge
     from .model import atomic_write_text, check_output_path
-    if json_path:
-        check_output_path(json_path, reference, candidate, data)
+    if from_path:
+        given = [flag for flag, value in (("REFERENCE", reference), ("CANDIDATE", candidate), ("--data", data),
+                                          ("--labels", labels), ("--provider", provider),
+                                          ("--batch-size", batch_size), ("--threads", threads),
+                                          ("--repeats", repeats), ("--limit", limit), ("--task", task))
+                 if value is not None]
+        if given:
+            raise QtoolError(f"--from re-judges a saved report without running the models; "
+                             f"{given[0]} cannot be combined with it")
+    elif reference is None or candidate is None or data is None:
+        raise QtoolError("eval needs REFERENCE CANDIDATE --data DATA (or --from REPORT.json to re-judge a report)")
     opts = override(_preset(preset).eval, provider=provider, batch_size=batch_size, threads=threads,
                     repeats=repeats, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
-                    task=task, max_task_drop=max_task_drop)
-    if opts.provider == "cuda":
-        from . import runtime
-        note = runtime.pick_provider("cuda").note
-        if note:
-            click.echo(f"warning: {note}", err=True)
-    report = api.evaluate(reference, candidate, data, labels, opts, limit)
+                    task=task, max_task_drop=max_task_drop, min_speedup=min_speedup, min_snr=min_snr)
+    if from_path:
+        from .evaluation import load_report
+        if json_path:
+            check_output_path(json_path, from_path)
+        report = judge(load_report(from_path), Thresholds.from_options(opts))
+    else:
+        from . import api
+        if json_path:
+            check_output_path(json_path, reference, candidate, data)
+        if opts.provider == "cuda":
+            from . import runtime
+            note = runtime.pick_provider("cuda").note
+            if note:
+                click.echo(f"warning: {note}", err=True)
+        report = api.evaluate(reference, candidate, data, labels, opts, limit)
     click.echo(format_table(report))
     if json_path:
         atomic_write_text(json_path, report.to_json())
