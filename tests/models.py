@@ -113,3 +113,38 @@ def log_then_conv(seed: int = 0) -> onnx.ModelProto:
     model = _with_weights(text, {"w": rng.normal(0, 0.3, (3, 2, 1, 1)), "b": rng.normal(0, 0.1, 3),
                                  "zero": np.zeros(1)})
     return model
+
+
+def outlier_channel_cnn(seed: int = 0, outlier: float = 100.0) -> onnx.ModelProto:
+    """A CNN with one badly quantizable node: a per-channel Mul (a folded BatchNorm's scale, as real
+    exports have) makes channel 0 of ``m`` ``outlier`` times wider than the rest, and ``/conv_b``'s
+    weights undo it, so the float function is ordinary but ``m``'s per-tensor int8 grid crushes
+    channels 1-7 on their way into ``/conv_b``."""
+    rng = np.random.default_rng(seed)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    outlier (float[N, 3, 16, 16] x) => (float[N, 10] y) {
+        a = Conv <pads = [1, 1, 1, 1]> (x, wa, ba)
+        ra = Relu (a)
+        m = Mul (ra, s)
+        b = Conv <pads = [1, 1, 1, 1]> (m, wb, bb)
+        rb = Relu (b)
+        c = Conv <pads = [1, 1, 1, 1]> (rb, wc, bc)
+        rc = Relu (c)
+        g = GlobalAveragePool (rc)
+        f = Flatten (g)
+        y = Gemm <transB = 1> (f, wg, bg)
+    }
+    """
+    s = np.ones((8, 1, 1))
+    s[0] = outlier
+    wb = rng.normal(0, 0.25, (8, 8, 3, 3))
+    wb[:, 0] /= outlier
+    model = _with_weights(text, {"wa": rng.normal(0, 0.4, (8, 3, 3, 3)), "ba": rng.normal(0, 0.1, 8), "s": s,
+                                 "wb": wb, "bb": rng.normal(0, 0.1, 8), "wc": rng.normal(0, 0.25, (8, 8, 3, 3)),
+                                 "bc": rng.normal(0, 0.1, 8), "wg": rng.normal(0, 0.5, (10, 8)),
+                                 "bg": rng.normal(0, 0.1, 10)})
+    names = {"a": "/conv_a", "m": "/scale/Mul", "b": "/conv_b", "c": "/conv_c", "y": "/head/Gemm"}
+    for node in model.graph.node:
+        node.name = names.get(node.output[0], f"/{node.op_type.lower()}_{node.output[0]}")
+    return model

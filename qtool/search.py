@@ -1,0 +1,388 @@
+"""Accuracy-driven quantization: fall back the fewest, most sensitive nodes until the gates hold.
+
+1. Quantize everything the planner quantizes and rank its nodes by *isolated* sensitivity
+   (:mod:`qtool.debug`: each node alone quantized, reading fp32 inputs; computed once).
+2. Evaluate candidates against fp32 outputs computed once and cached: all int8 first; then
+   the whole ranking at the fallback precision (if even that fails, the target cannot be met);
+   then bisection over the ranking (falling back the top k) for the smallest k that passes,
+   which assumes that falling back more sensitive nodes never hurts (near enough: a float node
+   only removes error); then a greedy clean-up that returns nodes of the top k to int8, largest
+   MAC share first, keeping each return that still passes, while the evaluation budget
+   (2·log2(N) + 10 for N ranked nodes) lasts.
+3. Speed: the result is timed against fp32 (paired, interleaved runs at batch 1). Where it is
+   slower than asked (``--min-speedup``, or 1.0), onnxruntime's per-node profile of both models
+   names the int8 groups that cost more than their float version; they are kept float when the
+   paired timing confirms the model got faster and the gates still hold.
+
+Every decision lands in the plan as the node's reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from . import runtime
+from .config import QuantizeOptions
+from .evaluation import Gate, OutputStats, Report, Thresholds, judge
+from .plans import Plan
+from .rules.movement import MOVEMENT_OPS
+
+FALLBACKS = ("fp32", "int16")
+#: Ops whose isolated error is their input's (they share its parameters): never ranked.
+NOT_RANKED = set(MOVEMENT_OPS) | {"Concat", "Split", "Identity"}
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    thresholds: Thresholds
+    fallback: str = "fp32"
+    best_effort: bool = False
+    provider: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 32
+    limit: int | None = None
+    sensitivity_samples: int = 64
+    max_evaluations: int | None = None
+    timing_pairs: int = 30
+    speed: bool = True  # time against fp32 and keep measured-slower groups float
+
+    @property
+    def accuracy_gates(self) -> Thresholds:
+        return replace(self.thresholds, min_speedup=None) if hasattr(self.thresholds, "min_speedup") \
+            else self.thresholds
+
+    @property
+    def min_speedup(self) -> float | None:
+        return getattr(self.thresholds, "min_speedup", None)
+
+
+@dataclass(frozen=True)
+class Speed:
+    median: float
+    p10: float
+    p90: float
+    pairs: int
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    what: str
+    fallback: tuple[str, ...]       # nodes at the fallback precision in this candidate
+    gates: tuple[Gate, ...]
+    passed: bool
+    int8_mac_share: float
+    speed: Speed | None = None
+
+    def line(self) -> str:
+        gates = "  ".join(f"{g.name} {g.value:.4g}{'' if g.passed else '!'}" for g in self.gates)
+        sp = (f"  speed-up {self.speed.median:.2f}x (p10-p90 {self.speed.p10:.2f}-{self.speed.p90:.2f})"
+              if self.speed else "")
+        return (f"step {self.index:>2}: {self.what:<38} float {len(self.fallback):>3}  int8 MACs "
+                f"{self.int8_mac_share * 100:5.1f}%  {gates}{sp}  {'PASS' if self.passed else 'fail'}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    plan: Plan
+    passed: bool
+    trail: tuple[Step, ...]
+    evaluations: int
+    seconds: float
+    ranking: tuple[tuple[str, float], ...]  # (node, isolated SQNR dB), most sensitive first
+    final: Step
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def miss(self) -> str:
+        return "; ".join(g.message for g in self.final.gates if not g.passed)
+
+
+class Reference:
+    """The fp32 model's outputs on the evaluation data, computed once and kept."""
+
+    def __init__(self, path, ds, labels, task, options: SearchOptions):
+        self.ds, self.labels, self.task, self.options = ds, labels, task, options
+        sess = runtime.session(str(path), runtime.pick_provider(options.provider).used, options.threads)
+        self.inputs = [i.name for i in sess.get_inputs()]
+        self.names = runtime.output_names(sess)
+        self.outputs, self.rows = [], []
+        self.correct = self.samples = 0
+        for batch in self._batches():
+            out = runtime.run(sess, {k: batch[k] for k in self.inputs})
+            self.outputs.append(out)
+            if task is not None:
+                self.rows.append(np.asarray(task.reduce(dict(zip(self.names, out)), batch)))
+            if labels is not None:
+                self.correct += self._correct(out, self.samples)
+            self.samples += len(out[0])
+        self.feed1 = {k: v[:1] for k, v in next(iter(self._batches())).items() if k in self.inputs}
+        self.session = sess
+
+    def _batches(self):
+        return self.ds.batches(self.options.batch_size, self.options.limit)
+
+    def _correct(self, out, start) -> int:
+        y = self.labels[start:start + len(out[0])]
+        return int((out[0].reshape(len(y), -1).argmax(1) == y).sum())
+
+    def judge(self, model: onnx.ModelProto, gates: Thresholds) -> Report:
+        """Evaluate a candidate model (in memory) against the cached outputs."""
+        sess = runtime.session(model, runtime.pick_provider(self.options.provider).used, self.options.threads)
+        stats = {n: OutputStats(n) for n in self.names}
+        rows, correct, seen = [], 0, 0
+        for batch, ref in zip(self._batches(), self.outputs):
+            out = runtime.run(sess, {k: batch[k] for k in self.inputs})
+            for name, a, b in zip(self.names, ref, out):
+                stats[name].update(a, b)
+            if self.task is not None:
+                rows.append(np.asarray(self.task.reduce(dict(zip(self.names, out)), batch)))
+            if self.labels is not None:
+                correct += self._correct(out, seen)
+            seen += len(out[0])
+        task_fields = {}
+        if self.task is not None:
+            ref_rows, cand_rows = np.concatenate(self.rows), np.concatenate(rows)
+            compare = getattr(self.task, "compare", None)
+            if compare is not None:
+                scores = compare(ref_rows, ref_rows), compare(ref_rows, cand_rows)
+            else:
+                scores = self.task.score(ref_rows), self.task.score(cand_rows)
+            task_fields = dict(task=self.task.name, task_reference=float(scores[0]), task_candidate=float(scores[1]))
+        acc = {}
+        if self.labels is not None:
+            acc = dict(accuracy_reference=self.correct / self.samples, accuracy_candidate=correct / seen)
+        report = Report(reference="fp32", candidate="candidate", samples=seen, provider=self.options.provider,
+                        outputs=tuple(s.result() for s in stats.values()), size_reference=0, size_candidate=0,
+                        latency_reference=None, latency_candidate=None, threads=self.options.threads,
+                        **acc, **task_fields)
+        self.last_session = sess
+        return judge(report, gates)
+
+    def speed(self, sess, pairs: int) -> Speed:
+        """Paired, interleaved timing at batch 1: the median and spread of fp32 / candidate per pair."""
+        a, b, feeds = self.session, sess, self.feed1
+        for _ in range(3):
+            a.run(None, feeds)
+            b.run(None, feeds)
+        ratios = []
+        for i in range(pairs):
+            times = {}
+            for s in ((a, b) if i % 2 == 0 else (b, a)):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                times[id(s)] = time.perf_counter() - t0
+            ratios.append(times[id(a)] / max(times[id(b)], 1e-9))
+        r = np.asarray(ratios)
+        return Speed(float(np.median(r)), float(np.percentile(r, 10)), float(np.percentile(r, 90)), pairs)
+
+
+def budget(n: int) -> int:
+    """The most evaluations a search over ``n`` ranked nodes may use: 2·log2(n) + 10."""
+    return int(2 * math.log2(max(n, 2))) + 10
+
+
+def fallback_options(options: QuantizeOptions, nodes, precision: str) -> QuantizeOptions:
+    return replace(options, precision=tuple(options.precision) + tuple(f"{n}={precision}" for n in nodes))
+
+
+def search(model_path, prepared, table, options: QuantizeOptions, method, eval_data, labels, task,
+           sopts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> SearchResult:
+    """Find the plan with the fewest fallback nodes that passes the gates (see the module doc)."""
+    from . import api
+    from .debug import measure
+    from .inspection import macs_by_node, static_view
+    started = time.perf_counter()
+    ref = Reference(model_path, eval_data, labels, task, sopts)
+    macs = macs_by_node(static_view(prepared.model, {})[0])
+    total_macs = sum(macs.values()) or 1
+    gates = sopts.accuracy_gates
+    trail: list[Step] = []
+    cache: dict[frozenset, tuple[Plan, Step]] = {}
+
+    def build(nodes) -> tuple[Plan, onnx.ModelProto]:
+        plan = api._resolved_plan(prepared, fallback_options(options, nodes, sopts.fallback), table, method)
+        return plan, _candidate(api, plan, prepared)
+
+    def evaluate(nodes, what) -> Step:
+        key = frozenset(nodes)
+        if key in cache:
+            return cache[key][1]
+        plan, m = build(nodes)
+        report = ref.judge(m, gates)
+        share = sum(macs.get(n.name, 0) for n in plan.quantized_nodes()) / total_macs
+        speed = ref.speed(ref.last_session, sopts.timing_pairs) if sopts.speed else None
+        step = Step(len(trail) + 1, what, tuple(nodes), report.gates, report.passed, share, speed)
+        trail.append(step)
+        cache[key] = (plan, step)
+        log(step.line())
+        return step
+
+    base_plan = api._resolved_plan(prepared, options, table, method)
+    qdq = _candidate(api, replace(base_plan, format="qdq"), prepared, restore=False)
+    limit = sopts.sensitivity_samples
+    sens = measure(prepared.model, qdq, eval_data.batches(min(sopts.batch_size, 16), limit), macs,
+                   threads=sopts.threads)
+    quantized = {n.name for n in base_plan.quantized_nodes()}
+    ranking = [(e.name, e.isolated_sqnr) for e in sens.nodes if e.op_type not in NOT_RANKED and e.name in quantized]
+    names = [n for n, _ in ranking]
+    n = len(names)
+    cap = sopts.max_evaluations or budget(n)
+    log(f"ranked {n} nodes by isolated SQNR (worst: "
+        + ", ".join(f"{a} {b:.1f} dB" for a, b in ranking[:3]) + f"); at most {cap} evaluations")
+
+    first = evaluate([], "all int8")
+    chosen: list[str] = []
+    passed = first.passed
+    needed_for: dict[str, str] = {}
+    if not passed and n:
+        everything = evaluate(names, f"all {n} ranked nodes {sopts.fallback}")
+        if everything.passed:
+            lo, hi = 0, n
+            failing = first
+            while hi - lo > 1 and len(trail) < cap:
+                mid = (lo + hi) // 2
+                step = evaluate(names[:mid], f"top {mid} {sopts.fallback}")
+                if step.passed:
+                    hi = mid
+                else:
+                    lo, failing = mid, step
+            chosen = names[:hi]
+            needed_for[chosen[-1]] = _failed(failing)
+            passed = True
+            for node in sorted(chosen[:-1], key=lambda x: -macs.get(x, 0)):
+                if len(trail) >= cap:
+                    break
+                trial = [c for c in chosen if c != node]
+                step = evaluate(trial, f"{node} back to int8")
+                if step.passed:
+                    chosen = trial
+                else:
+                    needed_for[node] = _failed(step)
+    final_nodes = list(chosen)
+    final = cache[frozenset(final_nodes)][1]
+    notes: list[str] = []
+    if not passed:
+        final_nodes = list(_best(trail).fallback)
+        final = cache[frozenset(final_nodes)][1]
+    untried = f"kept with the top {len(chosen)} that pass {_gate_flags(gates)} (the evaluation budget ended before it was tried alone)"
+    reasons = {node: (f"{sopts.fallback}: isolated SQNR {dict(ranking)[node]:.1f} dB, rank "
+                      f"{names.index(node) + 1} of {n}, " + (f"needed for {needed_for[node]}" if node in needed_for
+                                                              else untried))
+               for node in final_nodes}
+    if sopts.speed and passed:
+        final_nodes, final, extra = _speed_phase(prepared, ref, final_nodes, final, build, evaluate, cache, sopts,
+                                                 log, len(trail) < cap + 4)
+        reasons.update(extra)
+        if final.speed is not None and sopts.min_speedup is not None and final.speed.median < sopts.min_speedup:
+            passed = False
+            notes.append(f"the best plan runs at {final.speed.median:.2f}x fp32's speed (p10-p90 "
+                         f"{final.speed.p10:.2f}-{final.speed.p90:.2f}), below --min-speedup {sopts.min_speedup:g}")
+        elif final.speed is not None and final.speed.median < 1.0:
+            notes.append(f"the quantized model is slower than fp32 here: {final.speed.median:.2f}x (p10-p90 "
+                         f"{final.speed.p10:.2f}-{final.speed.p90:.2f}) at batch 1")
+    plan = cache[frozenset(final_nodes)][0]
+    plan = _with_reasons(plan, reasons)
+    return SearchResult(plan, passed, tuple(trail), len(trail), time.perf_counter() - started,
+                        tuple(ranking), final, tuple(notes))
+
+
+def _candidate(api, plan: Plan, prepared, restore: bool = True) -> onnx.ModelProto:
+    model = api._apply(plan, prepared.model)
+    if restore and prepared.half is not None:
+        from .preprocess.half import restore_storage
+        model, _ = restore_storage(model, prepared.half)
+    return model
+
+
+def _speed_phase(prepared, ref, nodes, final, build, evaluate, cache, sopts, log, allowed):
+    """Keep float the int8 groups onnxruntime's profile measures slower than their float version."""
+    want = sopts.min_speedup if sopts.min_speedup is not None else 1.0
+    if final.speed is None or final.speed.median >= want or not allowed:
+        return nodes, final, {}
+    try:
+        from .profile import node_costs, slower_groups
+    except ImportError:
+        return nodes, final, {}
+    plan, model = build(nodes)
+    costs = node_costs(prepared.model, model, plan, ref.feed1, runtime.pick_provider(sopts.provider).used,
+                       sopts.threads or 2)
+    slow = [c for c in slower_groups(costs) if c.node not in nodes]
+    if not slow:
+        log("profile: no int8 group costs more than its float version")
+        return nodes, final, {}
+    trial = list(nodes) + [c.node for c in slow]
+    step = evaluate(trial, f"{len(slow)} slower int8 groups fp32")
+    if step.passed and step.speed is not None and step.speed.median > final.speed.median:
+        reasons = {c.node: (f"fp32: its int8 group measured {c.int8_ms:.3f} ms vs {c.float_ms:.3f} ms float "
+                            f"at batch 1 ({c.detail}); the model went from {final.speed.median:.2f}x to "
+                            f"{step.speed.median:.2f}x fp32's speed") for c in slow}
+        return trial, step, reasons
+    return nodes, final, {}
+
+
+def _failed(step: Step) -> str:
+    return ", ".join(f"--{g.name.replace('_', '-')} {g.threshold:g}" for g in step.gates if not g.passed) \
+        or "the gates"
+
+
+def _gate_flags(gates: Thresholds) -> str:
+    return ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in vars(gates).items() if v is not None)
+
+
+def _best(trail: list[Step]) -> Step:
+    """The candidate closest to passing: most gates passed, then the smallest relative miss."""
+    def miss(step):
+        total = 0.0
+        for g in step.gates:
+            if not g.passed and not math.isnan(g.value):
+                total += abs(g.value - g.threshold) / max(abs(g.threshold), 1e-9)
+            elif not g.passed:
+                total += 1e9
+        return (-sum(g.passed for g in step.gates), total)
+    return min(trail, key=miss)
+
+
+def _with_reasons(plan: Plan, reasons: dict[str, str]) -> Plan:
+    if not reasons:
+        return plan
+    nodes = tuple(replace(n, reason=reasons[n.name]) if n.name in reasons else n for n in plan.nodes)
+    return replace(plan, nodes=nodes)
+
+
+def quantize_search(model, output, table, data, options: QuantizeOptions, calibrate_options, method, eval_data,
+                    labels, task, sopts: SearchOptions, log: Callable[[str], None] = lambda s: None,
+                    on_batch=None):
+    """``qtool quantize ... --eval-data``: calibrate if asked, search, and write the model only when
+    the gates hold (or ``best_effort``). Returns (QuantizeResult or None, SearchResult)."""
+    from . import api
+    from . import model as model_io
+    from .errors import QtoolError
+    from .planner import analyse
+    from .prepare import prepare
+    if options.mode != "static":
+        raise QtoolError("the accuracy search (--eval-data) needs static mode: drop --mode dynamic")
+    if sopts.fallback not in FALLBACKS:
+        raise QtoolError(f"--fallback must be one of {', '.join(FALLBACKS)}")
+    if sopts.fallback == "int16" and options.format == "qoperator":
+        raise QtoolError("--fallback int16 exists only as QDQ: use --format qdq or --fallback fp32")
+    model_io.check_output_path(output, model)
+    if table is None and data is None:
+        raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
+    p = prepare(model, options.preprocess)
+    ds = api.open_data(eval_data, p.model)
+    if table is None:
+        table = api._calibrate_prepared(p, data, calibrate_options, options, on_batch,
+                                        facts=analyse(p.model, options))
+    table = api._load_table(table, p, options)
+    result = search(model, p, table, options, method, ds, labels, task, sopts, log)
+    if not result.passed and not sopts.best_effort:
+        return None, result
+    written = api.quantize(model, output, options=options, plan=result.plan)
+    return written, result
