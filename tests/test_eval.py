@@ -1,0 +1,321 @@
+"""qtool eval as a CI gate: paired speedup and its spread, min_speedup/min_snr gates, --from
+re-judging, format-1 reports, kernel counts, classifier-shaped outputs, task compare hook.
+No timing assertions beyond structure: machines are noisy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import FrozenInstanceError, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import models
+import qtool
+from qtool import runtime
+from qtool.cli import main
+from qtool.config import EvalOptions
+from qtool.errors import QtoolError
+from qtool.evaluation import (SPREAD_LIMIT, Kernels, Latency, OutputMetrics, OutputStats, Report, ReportError,
+                              Speedup, Thresholds, count_kernels, format_table, is_classifier_output, judge,
+                              load_report)
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "calibration" / "fashion-mnist"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def synthetic(speedup=Speedup(1.5, 1.4, 1.6, 30), snr=(30.0, 25.0)) -> Report:
+    outputs = tuple(OutputMetrics(f"o{i}", 0.1, 0.01, 0.999, s, 0.99 if i == 0 else None) for i, s in enumerate(snr))
+    return Report("ref.onnx", "cand.onnx", 100, "CPUExecutionProvider", outputs, 4000, 1000,
+                  Latency(3.0, 3.3, 30, 8), Latency(2.0, 2.2, 30, 8), 0.9, 0.89, 2,
+                  paired_speedup=speedup, kernels_reference=Kernels(),
+                  kernels_candidate=Kernels({"QLinearConv": 2, "QGemm": 1}, 1, 1, 0, 0))
+
+
+@pytest.fixture(scope="module")
+def quantized(cnn_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "q.onnx"
+    qtool.quantize(cnn_files["model"], out, table=cnn_files["table"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved_report(cnn_files, quantized, tmp_path_factory):
+    path = tmp_path_factory.mktemp("r") / "report.json"
+    r = cli("eval", cnn_files["model"], quantized, "--data", cnn_files["eval"], "--repeats", 4,
+            "--min-cosine", 0.9, "--json", path)
+    assert r.exit_code == 0, r.output
+    return path
+
+
+# -- paired speedup -------------------------------------------------------------------------------
+
+def test_speedup_stats_from_synthetic_pairs():
+    ratios = np.r_[np.linspace(1.0, 2.0, 11), np.inf, 0.0, np.nan]  # non-finite and zero ratios dropped
+    s = Speedup.from_ratios(ratios)
+    assert s.pairs == 11 and s.median == pytest.approx(1.5)
+    assert s.p10 == pytest.approx(1.1) and s.p90 == pytest.approx(1.9)
+    assert s.relative_spread == pytest.approx(0.8 / 1.5)
+    with pytest.raises(ValueError):
+        Speedup.from_ratios([np.nan])
+
+
+def test_speedup_warnings():
+    tight = Speedup(1.5, 1.45, 1.55, 30)
+    assert tight.warning() is None and tight.warning(1.2) is None
+    straddles_one = Speedup(1.05, 0.95, 1.15, 30)
+    assert "contains 1.0" in straddles_one.warning()
+    assert straddles_one.warning(0.5) is None  # the gate is far from the noise
+    straddles_gate = Speedup(1.5, 1.4, 1.6, 30)
+    assert "contains --min-speedup 1.45" in straddles_gate.warning(1.45)
+    wide = Speedup(2.0, 1.2, 2.0 + SPREAD_LIMIT * 2.0, 30)
+    assert "spans" in wide.warning() and "limit 50%" in wide.warning()
+    report = judge(synthetic(straddles_one), Thresholds())
+    assert report.warnings and "warning: speedup 1.05x is too noisy" in format_table(report)
+
+
+class FakeSession:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def run(self, outputs, feeds):
+        self.log.append(self.name)
+
+
+def test_time_pair_alternates_order_and_returns_per_pair_ratios():
+    log = []
+    a, b = FakeSession("a", log), FakeSession("b", log)
+    ta, tb, ratios = runtime.time_pair(a, b, {}, warmup=1, repeats=4)
+    assert log == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert ta.runs == tb.runs == 4 and len(ratios) == 4 and np.all(ratios > 0)
+
+
+def test_report_speedup_is_median_of_pairs_and_round_trips():
+    r = synthetic(Speedup(1.2, 1.1, 1.3, 30))
+    assert r.speedup == 1.2  # not 3.0 / 2.0, the ratio of the medians
+    d = json.loads(r.to_json())
+    assert d["format_version"] == 2 and d["speedup"] == 1.2 and d["paired_speedup"]["p10"] == 1.1
+    assert Report.from_dict(d) == r
+
+
+# -- gates ----------------------------------------------------------------------------------------
+
+def test_thresholds_frozen_with_defaults_none():
+    t = Thresholds()
+    assert all(getattr(t, f) is None for f in t.__dataclass_fields__)
+    assert {"min_speedup", "min_snr"} <= set(t.__dataclass_fields__)
+    with pytest.raises(FrozenInstanceError):
+        t.min_snr = 1.0
+    opts = EvalOptions(min_speedup=1.3, min_snr=20.0, max_drop=0.01)
+    assert Thresholds.from_options(opts) == Thresholds(max_drop=0.01, min_speedup=1.3, min_snr=20.0)
+
+
+def test_min_speedup_gate_messages():
+    r = synthetic()
+    ok = judge(r, Thresholds(min_speedup=1.2))
+    assert ok.passed and "p10-p90 1.40-1.60x over 30 pairs" in ok.gates[0].message
+    bad = judge(r, Thresholds(min_speedup=2.0))
+    g = bad.gates[0]
+    assert not bad.passed and g.name == "min_speedup" and g.value == 1.5
+    assert "p10-p90 1.40-1.60x" in g.message and "--min-speedup 1.5 would have passed" in g.message
+    no_latency = judge(replace(r, paired_speedup=None, latency_reference=None, latency_candidate=None),
+                       Thresholds(min_speedup=1.0))
+    assert not no_latency.passed and "needs latency" in no_latency.gates[0].message
+
+
+def test_min_snr_gate_uses_lowest_output():
+    r = synthetic(snr=(30.0, 25.0))
+    assert judge(r, Thresholds(min_snr=24.0)).passed
+    bad = judge(r, Thresholds(min_snr=28.0))
+    assert not bad.passed and bad.gates[0].value == 25.0
+    assert "misses --min-snr 28" in bad.gates[0].message and "--min-snr 25 would have passed" in bad.gates[0].message
+
+
+def test_eval_options_reject_nonpositive_speedup():
+    with pytest.raises(QtoolError, match="min_speedup"):
+        EvalOptions(min_speedup=0.0)
+
+
+# -- --from ---------------------------------------------------------------------------------------
+
+def test_from_rejudges_without_inference(saved_report, tmp_path):
+    saved = json.loads(saved_report.read_text())
+    assert saved["format_version"] == 2 and saved["paired_speedup"]["pairs"] == 4
+    assert saved["kernels_candidate"]["integer"] and not saved["kernels_reference"]["integer"]
+    r = cli("eval", "--from", saved_report, "--min-snr", 0)
+    assert r.exit_code == 0 and "PASS min_snr" in r.output and "min_cosine" not in r.output  # new gates only
+    out = tmp_path / "rejudged.json"
+    r = cli("eval", "--from", saved_report, "--min-snr", 1000, "--min-speedup", 1000, "--json", out)
+    assert r.exit_code == 1 and "FAIL min_snr" in r.output and "would have passed" in r.output
+    assert "FAIL min_speedup" in r.output and "p10-p90" in r.output
+    again = json.loads(out.read_text())
+    assert again["passed"] is False and {g["name"] for g in again["gates"]} == {"min_snr", "min_speedup"}
+    preset = tmp_path / "p.toml"
+    preset.write_text("[eval]\nmin_snr = 1000.0\n")
+    assert cli("eval", "--from", saved_report, "--config", preset).exit_code == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("MODEL",), "cannot be combined"), (("--data", "x.npz"), "--data cannot be combined"),
+    (("--repeats", 3), "--repeats cannot be combined"),
+])
+def test_from_rejects_run_arguments(saved_report, args, needle):
+    args = tuple(saved_report if a == "MODEL" else a for a in args)
+    r = cli("eval", "--from", saved_report, *args)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and needle in r.output, r.output
+
+
+def test_eval_without_models_or_from(cnn_files):
+    for args in ((), (cnn_files["model"],), (cnn_files["model"], cnn_files["model"])):
+        r = cli("eval", *args)
+        assert r.exit_code == 2 and "--from REPORT.json" in r.output, r.output
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "not a JSON report"), ('{"a": 1}', "not a qtool eval report"), ("[1, 2]", "not a qtool eval report"),
+    ('{"format": "qtool.eval", "format_version": 99}', "format_version 99"),
+    ('{"format": "qtool.eval", "format_version": 2, "outputs": 3}', "malformed"),
+    (None, "no such report file"),
+])
+def test_from_bad_reports_one_line_exit_2(tmp_path, content, needle):
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    r = cli("eval", "--from", path)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and needle in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    with pytest.raises(ReportError):
+        load_report(path)
+
+
+def test_version_1_report_still_loads(saved_report, tmp_path):
+    d = json.loads(saved_report.read_text())
+    for key in ("paired_speedup", "kernels_reference", "kernels_candidate", "warnings"):
+        del d[key]
+    d["format_version"] = 1
+    v1 = tmp_path / "v1.json"
+    v1.write_text(json.dumps(d))
+    r = load_report(v1)
+    assert r.paired_speedup is None and r.kernels_candidate is None
+    assert r.speedup == pytest.approx(d["latency_reference"]["median_ms"] / d["latency_candidate"]["median_ms"])
+    out = cli("eval", "--from", v1, "--min-speedup", 1000)
+    assert out.exit_code == 1 and "ratio of medians" in out.output
+
+
+# -- kernel counts --------------------------------------------------------------------------------
+
+def test_kernel_counts_quantized_vs_fp32(cnn_files, quantized):
+    fp32, note = runtime.kernel_counts(str(cnn_files["model"]))
+    assert note is None and fp32.integer_total == 0 and fp32.quantize == fp32.dequantize == 0
+    q, note = runtime.kernel_counts(str(quantized))
+    assert note is None and q.integer_total > 0
+    assert "integer kernels:" in q.describe() and "Q/DQ left unfused" in q.describe()
+
+
+def test_kernel_counts_failure_is_a_note(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    counts, note = runtime.kernel_counts(str(bad))
+    assert counts is None and "kernel counts unavailable" in note
+
+
+def test_kernel_counts_on_the_bundled_sample(tmp_path):
+    out = tmp_path / "s.onnx"
+    r = cli("quantize", SAMPLE / "model.onnx", "--data", SAMPLE / "calib.npz", "-o", out, "--config",
+            ROOT / "configs" / "cnn-cpu.toml")
+    assert r.exit_code == 0, r.output
+    k, _ = runtime.kernel_counts(str(out))
+    assert k.integer_total >= 4 and k.unfused_quantize == k.unfused_dequantize == 0
+    assert runtime.kernel_counts(str(SAMPLE / "model.onnx"))[0].integer_total == 0
+
+
+def test_count_kernels_classifies_unfused_qdq():
+    w = frozenset({"w_q", "s", "z"})
+    nodes = [
+        ("QuantizeLinear", ["x", "s", "z"], ["xq"], w),          # boundary: feeds an integer kernel
+        ("QLinearConv", ["xq", "s", "z", "w_q"], ["y"], w),
+        ("DequantizeLinear", ["y", "s", "z"], ["yf"], w),         # boundary: leaves an integer kernel
+        ("QuantizeLinear", ["yf", "s", "z"], ["a"], w),           # unfused pair around a float op
+        ("DequantizeLinear", ["a", "s", "z"], ["af"], w),
+        ("DequantizeLinear", ["w_q", "s", "z"], ["wf"], w),       # constant weight for a float op
+        ("Conv", ["af", "wf"], ["out"], w),
+        ("QGemm", ["out"], ["g"], w),
+    ]
+    k = count_kernels(nodes)
+    assert k.integer == {"QGemm": 1, "QLinearConv": 1}
+    assert (k.quantize, k.dequantize, k.unfused_quantize, k.unfused_dequantize) == (2, 3, 1, 2)
+    assert "integer kernels: 2 (QGemm 1, QLinearConv 1); Q/DQ left unfused: 1 Q, 2 DQ" in k.describe()
+
+
+# -- classifier-shaped outputs --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, shape, dtype, expected", [
+    ("logits", (8, 10), np.float32, True), ("probs", (8, 1, 10), np.float32, True),
+    ("score", (8, 1), np.float32, False), ("features", (8, 4, 4), np.float32, False),
+    ("boxes", (8, 4), np.float32, False), ("bbox_deltas", (8, 16), np.float32, False),
+    ("labels", (8, 10), np.int64, False), ("fmap", (8, 10, 1, 1), np.float32, False),
+])
+def test_classifier_shaped(name, shape, dtype, expected):
+    x = np.zeros(shape, dtype)
+    assert is_classifier_output(name, x) is expected
+    s = OutputStats(name)
+    s.update(x, x)
+    assert (s.result().top1_agreement is not None) is expected
+
+
+def test_labels_need_a_classifier_output(tmp_path):
+    m = models.matmul_mlp()  # output y: [B, 4, 4]
+    path = models.save(m, tmp_path / "mlp.onnx")
+    x = models.random_inputs(m, 8)
+    np.savez(tmp_path / "d.npz", labels=np.arange(8) % 4, **x)
+    np.save(tmp_path / "l.npy", np.arange(8) % 4)
+    report = qtool.evaluate(path, path, tmp_path / "d.npz", options=EvalOptions(repeats=1))
+    assert report.accuracy_reference is None and report.agreement is None
+    assert any("labels were not used" in n for n in report.notes)
+    r = cli("eval", path, path, "--data", tmp_path / "d.npz", "--labels", tmp_path / "l.npy", "--repeats", 1)
+    assert r.exit_code == 2 and "classifier-shaped" in r.output, r.output
+
+
+# -- task hooks -----------------------------------------------------------------------------------
+
+COMPARE_TASK = '''
+import numpy as np
+NAME = "argmax match"
+def reduce(outputs, batch):
+    rows = np.empty(len(batch["x"]), dtype=object)   # variable-length rows as an object array
+    for i, row in enumerate(outputs["logits"]):
+        rows[i] = np.argsort(row)[-1:]
+    return rows
+def compare(reference_rows, candidate_rows):
+    return float(np.mean([r[0] == c[0] for r, c in zip(reference_rows, candidate_rows)]))
+'''
+
+
+def test_task_compare_hook(cnn_files, quantized, tmp_path):
+    task = tmp_path / "task.py"
+    task.write_text(COMPARE_TASK)
+    report = qtool.evaluate(cnn_files["model"], quantized, cnn_files["eval"],
+                            options=EvalOptions(repeats=1, task=str(task), max_task_drop=1.0))
+    assert report.task == "argmax match" and report.task_reference == 1.0
+    assert report.task_candidate == pytest.approx(report.agreement)
+    assert report.task_drop == pytest.approx(1.0 - report.agreement) and report.passed
+
+
+def test_task_needs_score_or_compare(tmp_path):
+    from qtool.task import load_task
+    p = tmp_path / "t.py"
+    p.write_text("def reduce(o, b):\n    return o\n")
+    with pytest.raises(QtoolError, match=r"score\(\) or compare\(\)"):
+        load_task(p)
+    p.write_text("def reduce(o, b):\n    return o\ndef compare(a, b):\n    return 1.0\n")
+    t = load_task(p)
+    assert t.score is None and t.compare is not None
+    p.write_text("def reduce(o, b):\n    return o\ndef score(r):\n    raise RuntimeError('boom')\n")
+    with pytest.raises(QtoolError, match=r"score\(\) failed \(RuntimeError: boom\)"):
+        load_task(p).evaluate([np.zeros(2)], [np.zeros(2)])
