@@ -38,7 +38,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -287,6 +286,10 @@ class _Profiled:
         opts.profile_file_prefix = os.path.join(folder, tag)
         self.optimized_path = os.path.join(folder, f"{tag}.optimized.onnx")
         opts.optimized_model_filepath = self.optimized_path
+        # weights to a side file (never read back): only the graph is walked, and a big model fits
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      f"{tag}.optimized.onnx.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         providers = [provider] if provider == runtime.PROVIDERS["cpu"] else [provider, runtime.PROVIDERS["cpu"]]
         if model_io.by_path(model):
             with model_io.temp_model_file(model) as path:
@@ -426,22 +429,12 @@ def paired_speedup(reference, candidate, feeds: dict[str, np.ndarray], provider:
     """fp32 time / candidate time per run pair (which runs first alternates): median, p10, p90.
 
     Above 1 the candidate is faster. Each pair's two runs are back to back, so slow
-    stretches of a noisy machine hit both sides of a ratio alike.
+    stretches of a noisy machine hit both sides of a ratio alike
+    (:func:`qtool.runtime.time_pair`, the same measurement as ``qtool eval``).
     """
-    sessions = [runtime.session(m, provider, threads) for m in (reference, candidate)]
-    inputs = [{i.name for i in s.get_inputs()} for s in sessions]
-    f = [{k: v for k, v in feeds.items() if k in names} for names in inputs]
-    for _ in range(warmup):
-        for s, x in zip(sessions, f):
-            s.run(None, x)
-    ratios = np.empty(pairs)
-    for i in range(pairs):
-        t = [0.0, 0.0]
-        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            t0 = time.perf_counter()
-            sessions[j].run(None, f[j])
-            t[j] = time.perf_counter() - t0
-        ratios[i] = t[0] / t[1]
+    a, b = (runtime.session(m, provider, threads) for m in (reference, candidate))
+    names = {i.name for i in a.get_inputs()}
+    _, _, ratios = runtime.time_pair(a, b, {k: v for k, v in feeds.items() if k in names}, warmup, pairs)
     return float(np.median(ratios)), float(np.percentile(ratios, 10)), float(np.percentile(ratios, 90))
 
 
