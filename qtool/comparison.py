@@ -3,6 +3,8 @@ kernels onnxruntime runs for each."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from . import runtime
@@ -10,6 +12,10 @@ from .config import EvalOptions
 from .data import Dataset
 from .errors import DataError
 from .evaluation import Latency, OutputStats, Report, Speedup, class_scores, is_classifier_output
+
+# kernel counts save onnxruntime's optimised graph, weights included, to a temporary folder:
+# not for models larger than this on disk
+KERNEL_COUNT_MAX_BYTES = 1 << 30
 
 
 def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, options: EvalOptions,
@@ -78,8 +84,12 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
     if task is not None:
         task_scores = (task.name, *task.evaluate(rows_r, rows_c))
     kernels = []
-    for path in (reference, candidate):
-        counts, note = runtime.kernel_counts(str(path), choice.used, options.threads)
+    for path, size in ((reference, size_ref), (candidate, size_cand)):
+        if size > KERNEL_COUNT_MAX_BYTES:
+            counts, note = None, (f"{Path(path).name}: kernel counts skipped, the model is {size / 1e9:.2f} GB and "
+                                  "onnxruntime would write its optimised graph with every weight to a temporary folder")
+        else:
+            counts, note = runtime.kernel_counts(str(path), choice.used, options.threads)
         kernels.append(counts)
         if note:
             notes.append(note)

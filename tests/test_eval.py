@@ -235,6 +235,15 @@ def test_kernel_counts_on_the_bundled_sample(tmp_path):
     assert runtime.kernel_counts(str(SAMPLE / "model.onnx"))[0].integer_total == 0
 
 
+def test_kernel_counts_skipped_for_big_models(cnn_files, quantized, monkeypatch):
+    from qtool import comparison
+    monkeypatch.setattr(comparison, "KERNEL_COUNT_MAX_BYTES", 0)
+    report = qtool.evaluate(cnn_files["model"], quantized, cnn_files["eval"], options=EvalOptions(repeats=1))
+    assert report.kernels_reference is None and report.kernels_candidate is None
+    assert sum("kernel counts skipped" in n for n in report.notes) == 2
+    assert "integer kernels" not in format_table(report)
+
+
 def test_count_kernels_classifies_unfused_qdq():
     w = frozenset({"w_q", "s", "z"})
     nodes = [
