@@ -64,6 +64,25 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # unwinds through the atomic writes, which remove their temporary files
 
 
+def gate_options(fn):
+    """The gates ``eval`` checks and the accuracy search of ``quantize`` must meet."""
+    for option in reversed([
+        click.option("--max-drop", type=float, default=None, help="Fail if accuracy drops more (0.003 = 0.3 points)."),
+        click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+                     help="Fail below this top-1 agreement."),
+        click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+                     help="Fail below this cosine similarity."),
+        click.option("--min-snr", type=float, default=None, metavar="DB", help="Fail if any output's SNR is below DB."),
+        click.option("--min-speedup", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
+                     help="Fail if the median per-pair speedup (reference ms / candidate ms) is below X."),
+        click.option("--task", type=click.Path(),
+                     help="Task-metric file (reduce/score or compare hooks; see qtool/task.py)."),
+        click.option("--max-task-drop", type=float, default=None, help="Fail if the task metric drops more."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qtool", message="qtool %(version)s")
 def main():
@@ -182,10 +201,27 @@ def _merge(paths, model, output):
 @click.option("--explain", is_flag=True, help="Print the plan: node, decision, reason.")
 @click.option("--save-plan", type=click.Path(), help="Also write the plan as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([quantize] and [calibrate]).")
+@click.option("--eval-data", type=click.Path(),
+              help="Search: evaluate candidates on this data against fp32 and fall back the most sensitive nodes "
+                   "until the gates hold (exit 1, nothing written, if they cannot).")
+@click.option("--labels", type=click.Path(), help="Search: integer labels (.npy) for --max-drop.")
+@gate_options
+@click.option("--fallback", type=click.Choice(["fp32", "int16"]), default="fp32", show_default=True,
+              help="Search: the precision sensitive nodes fall back to.")
+@click.option("--best-effort", is_flag=True, help="Search: write the best model found even if a gate fails.")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Search: time candidates against fp32 and keep float the int8 groups onnxruntime's profile "
+                   "measures slower than float.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Search: intra-op threads for evaluation and timing.")
+@click.option("--max-evals", type=click.IntRange(min=2), default=None,
+              help="Search: evaluation budget (default 2*log2(N)+10 for N ranked nodes).")
+@click.option("--trail", "trail_path", type=click.Path(), help="Search: write the trail and ranking as JSON.")
 @handle_errors
 def quantize(model, output, table, data, method, mode, fmt, external_data, per_channel, activation_type, weight_type,
-             precision,
-             exclude, plan_path, preprocess, explain, save_plan, preset):
+             precision, exclude, plan_path, preprocess, explain, save_plan, preset, eval_data, labels, max_drop,
+             min_agreement, min_cosine, min_snr, min_speedup, task, max_task_drop, fallback, best_effort, speed,
+             threads, max_evals, trail_path):
     """int8 quantization: static (QDQ or QOperator) or dynamic, or a saved plan applied."""
     from . import api
     from .config import override
@@ -211,6 +247,11 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                      precision=tuple(cfg.quantize.precision) + tuple(precision) if precision else None,
                      exclude=tuple(cfg.quantize.exclude) + tuple(exclude) if exclude else None)
     copts = override(cfg.calibrate, method=method)
+    gates = dict(max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine, min_snr=min_snr,
+                 min_speedup=min_speedup, max_task_drop=max_task_drop)
+    if eval_data or any(v is not None for v in gates.values()) or task:
+        return _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback,
+                       best_effort, speed, threads, max_evals, trail_path, plan_path, explain, save_plan)
     bar = None
     if data:
         ds = api.Dataset(data)
@@ -231,6 +272,95 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
     click.echo(f"wrote {output}: {n} of {len(result.plan.all_nodes())} nodes quantized")
 
 
+def _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback, best_effort,
+            speed, threads, max_evals, trail_path, plan_path, explain, save_plan):
+    """quantize --eval-data ... GATES: the accuracy-driven search (qtool.search)."""
+    from . import api
+    from .errors import QtoolError
+    from .evaluation import Thresholds
+    from .model import atomic_write_text, check_output_path
+    from .search import SearchOptions, quantize_search
+    if plan_path:
+        raise QtoolError("--plan applies a saved plan as it is; the search (--eval-data and gates) cannot change it")
+    if not eval_data:
+        raise QtoolError("gates in quantize drive the accuracy search, which needs --eval-data")
+    if all(v is None for v in gates.values()):
+        raise QtoolError("--eval-data needs at least one gate (--max-drop, --min-agreement, --min-cosine, --min-snr, "
+                         "--max-task-drop with --task, or --min-speedup)")
+    if (gates["max_task_drop"] is None) != (task is None):
+        raise QtoolError("--max-task-drop and --task go together")
+    for path in (trail_path, save_plan):
+        if path:
+            check_output_path(path, model, table, data, eval_data, output)
+    ds = api.Dataset(eval_data)
+    label_array = api._labels(ds, labels, None)
+    if gates["max_drop"] is not None and label_array is None:
+        raise QtoolError("--max-drop needs labels (a 'labels' array in --eval-data or --labels)")
+    task_obj = None
+    if task:
+        from .task import load_task
+        task_obj = load_task(task)
+    sopts = SearchOptions(Thresholds(**gates), fallback=fallback, best_effort=best_effort, threads=threads,
+                          max_evaluations=max_evals, speed=speed)
+    calib = api.Dataset(data) if data else None
+    written, result = quantize_search(model, output, table, calib, qopts, copts, method, ds, label_array, task_obj,
+                                      sopts, log=click.echo)
+    click.echo(f"search: {result.evaluations} evaluations in {result.seconds:.1f} s")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    if trail_path:
+        atomic_write_text(trail_path, json.dumps(result.to_dict(), indent=1))
+    if written is not None:
+        if explain:
+            click.echo(result.plan.explain())
+        if save_plan:
+            atomic_write_text(save_plan, result.plan.to_json())
+        fallen = [n for n in result.plan.nodes if n.name in result.final.fallback]
+        for n in fallen:
+            click.echo(f"  {n.name}: {n.reason}")
+        click.echo(f"wrote {output}: {len(result.plan.all_quantized_nodes())} of {len(result.plan.all_nodes())} "
+                   f"nodes quantized, {result.final.int8_mac_share * 100:.1f}% of MACs int8")
+    if not result.passed:
+        what = "best effort written; " if written is not None else "nothing written; "
+        _fail(f"target not met: {result.miss or '; '.join(result.notes)} ({what}"
+              + ("" if written is not None else "--best-effort writes the best model found") + ")", 1)
+
+
+@main.command()
+@click.argument("reference", type=click.Path())
+@click.argument("candidate", type=click.Path())
+@click.option("--data", type=click.Path(), required=True, help="An .npz file or a directory of .npz files.")
+@click.option("--table", type=click.Path(), help="Calibration table: outlier ratios from its histograms.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the full ranking as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(), help="Draw the ranking (.png or .svg; needs qtool[plot]).")
+@click.option("--top", type=click.IntRange(min=1), default=30, show_default=True, help="Rows to print.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--preprocess/--no-preprocess", default=True, help="As the quantize that made CANDIDATE (default on).")
+@handle_errors
+def debug(reference, candidate, data, table, json_path, plot_path, top, batch_size, limit, threads, preprocess):
+    """Per-node error of a QDQ model against its fp32 model, worst first: accumulated and isolated SQNR,
+    range use and MAC share."""
+    from .debug import format_report, plot, run
+    from .model import atomic_write_text, check_output_path
+    for path in (json_path, plot_path):
+        if path:
+            check_output_path(path, reference, candidate, data, table)
+    if plot_path and not plot_path.lower().endswith((".png", ".svg")):
+        from .errors import QtoolError
+        raise QtoolError(f"--plot {plot_path}: give a .png or .svg path")
+    if plot_path:
+        from .debug import require_matplotlib
+        require_matplotlib()
+    report = run(reference, candidate, data, table, preprocess, batch_size, limit, threads)
+    click.echo(format_report(report, top))
+    if json_path:
+        atomic_write_text(json_path, report.to_json())
+    if plot_path:
+        plot(report, plot_path)
+
+
 @main.command(name="eval")
 @click.argument("reference", type=click.Path(), required=False)
 @click.argument("candidate", type=click.Path(), required=False)
@@ -244,14 +374,7 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="Timed pairs (after warm-up); each runs both models, alternating which goes first.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
-@click.option("--max-drop", type=float, default=None, help="Fail if accuracy drops more (0.003 = 0.3 points).")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None, help="Fail below this top-1 agreement.")
-@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Fail below this cosine similarity.")
-@click.option("--min-snr", type=float, default=None, metavar="DB", help="Fail if any output's SNR is below DB.")
-@click.option("--min-speedup", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
-              help="Fail if the median per-pair speedup (reference ms / candidate ms) is below X.")
-@click.option("--task", type=click.Path(), help="Task-metric file (reduce/score or compare hooks; see qtool/task.py).")
-@click.option("--max-task-drop", type=float, default=None, help="Fail if the task metric drops more.")
+@gate_options
 @click.option("--json", "json_path", type=click.Path(), help="Write the report (re-judged, with --from) as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([eval]).")
 @handle_errors

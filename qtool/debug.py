@@ -446,8 +446,8 @@ def _db(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.1f}"
 
 
-def plot(r: DebugReport, path: str, top: int = 40) -> None:
-    """A horizontal bar chart of the ranking (matplotlib, the optional ``plot`` extra)."""
+def require_matplotlib():
+    """matplotlib's pyplot (headless), or a one-line error saying how to get it."""
     from .errors import QtoolError
     try:
         import matplotlib
@@ -455,6 +455,12 @@ def plot(r: DebugReport, path: str, top: int = 40) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise QtoolError("--plot needs matplotlib: pip install 'qtool[plot]'") from None
+    return plt
+
+
+def plot(r: DebugReport, path: str, top: int = 40) -> None:
+    """A horizontal bar chart of the ranking (matplotlib, the optional ``plot`` extra)."""
+    plt = require_matplotlib()
     from .model import atomic_write_bytes
     import io
     nodes = list(r.nodes[:top])[::-1]

@@ -29,7 +29,8 @@ import onnx
 
 from . import runtime
 from .config import QuantizeOptions
-from .evaluation import Gate, OutputStats, Report, Thresholds, judge
+from .errors import DataError
+from .evaluation import Gate, OutputStats, Report, Speedup, Thresholds, class_scores, is_classifier_output, judge
 from .plans import Plan
 from .rules.movement import MOVEMENT_OPS
 
@@ -54,20 +55,11 @@ class SearchOptions:
 
     @property
     def accuracy_gates(self) -> Thresholds:
-        return replace(self.thresholds, min_speedup=None) if hasattr(self.thresholds, "min_speedup") \
-            else self.thresholds
+        return replace(self.thresholds, min_speedup=None)
 
     @property
     def min_speedup(self) -> float | None:
-        return getattr(self.thresholds, "min_speedup", None)
-
-
-@dataclass(frozen=True)
-class Speed:
-    median: float
-    p10: float
-    p90: float
-    pairs: int
+        return self.thresholds.min_speedup
 
 
 @dataclass(frozen=True)
@@ -78,7 +70,7 @@ class Step:
     gates: tuple[Gate, ...]
     passed: bool
     int8_mac_share: float
-    speed: Speed | None = None
+    speed: Speedup | None = None
 
     def line(self) -> str:
         gates = "  ".join(f"{g.name} {g.value:.4g}{'' if g.passed else '!'}" for g in self.gates)
@@ -99,6 +91,21 @@ class SearchResult:
     final: Step
     notes: tuple[str, ...] = field(default=())
 
+    def to_dict(self) -> dict:
+        def step(s: Step) -> dict:
+            d = {"step": s.index, "what": s.what, "fallback": list(s.fallback), "passed": s.passed,
+                 "int8_mac_share": s.int8_mac_share,
+                 "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "passed": g.passed}
+                           for g in s.gates]}
+            if s.speed is not None:
+                d["speedup"] = {"median": s.speed.median, "p10": s.speed.p10, "p90": s.speed.p90,
+                                "pairs": s.speed.pairs}
+            return d
+        return {"format": "qtool.search", "passed": self.passed, "evaluations": self.evaluations,
+                "seconds": self.seconds, "final": step(self.final), "notes": list(self.notes),
+                "ranking": [{"node": n, "isolated_sqnr": v if math.isfinite(v) else "inf"} for n, v in self.ranking],
+                "trail": [step(s) for s in self.trail]}
+
     @property
     def miss(self) -> str:
         return "; ".join(g.message for g in self.final.gates if not g.passed)
@@ -108,79 +115,67 @@ class Reference:
     """The fp32 model's outputs on the evaluation data, computed once and kept."""
 
     def __init__(self, path, ds, labels, task, options: SearchOptions):
-        self.ds, self.labels, self.task, self.options = ds, labels, task, options
+        self.ds, self.task, self.options = ds, task, options
         sess = runtime.session(str(path), runtime.pick_provider(options.provider).used, options.threads)
         self.inputs = [i.name for i in sess.get_inputs()]
         self.names = runtime.output_names(sess)
         self.outputs, self.rows = [], []
-        self.correct = self.samples = 0
+        self.samples = 0
         for batch in self._batches():
             out = runtime.run(sess, {k: batch[k] for k in self.inputs})
             self.outputs.append(out)
             if task is not None:
-                self.rows.append(np.asarray(task.reduce(dict(zip(self.names, out)), batch)))
-            if labels is not None:
-                self.correct += self._correct(out, self.samples)
+                self.rows.append(task.rows(dict(zip(self.names, out)), batch))
             self.samples += len(out[0])
+        self.head = next((i for i, (n, a) in enumerate(zip(self.names, self.outputs[0]))
+                          if is_classifier_output(n, a)), None) if self.outputs else None
+        if labels is not None and self.head is None:
+            raise DataError("labels need a classifier-shaped output (float [batch, classes>=2]) and the model has "
+                            "none; drop --labels, or gate with --task")
+        self.labels = labels
+        self.correct = self._correct([out[self.head] for out in self.outputs]) if labels is not None else 0
         self.feed1 = {k: v[:1] for k, v in next(iter(self._batches())).items() if k in self.inputs}
         self.session = sess
 
     def _batches(self):
         return self.ds.batches(self.options.batch_size, self.options.limit)
 
-    def _correct(self, out, start) -> int:
-        y = self.labels[start:start + len(out[0])]
-        return int((out[0].reshape(len(y), -1).argmax(1) == y).sum())
+    def _correct(self, heads: list[np.ndarray]) -> int:
+        y = self.labels[:self.samples]
+        pred = np.concatenate([class_scores(h).argmax(1) for h in heads])
+        return int((pred == y).sum())
 
     def judge(self, model: onnx.ModelProto, gates: Thresholds) -> Report:
         """Evaluate a candidate model (in memory) against the cached outputs."""
         sess = runtime.session(model, runtime.pick_provider(self.options.provider).used, self.options.threads)
         stats = {n: OutputStats(n) for n in self.names}
-        rows, correct, seen = [], 0, 0
+        rows, outs = [], []
         for batch, ref in zip(self._batches(), self.outputs):
             out = runtime.run(sess, {k: batch[k] for k in self.inputs})
             for name, a, b in zip(self.names, ref, out):
                 stats[name].update(a, b)
             if self.task is not None:
-                rows.append(np.asarray(self.task.reduce(dict(zip(self.names, out)), batch)))
+                rows.append(self.task.rows(dict(zip(self.names, out)), batch))
             if self.labels is not None:
-                correct += self._correct(out, seen)
-            seen += len(out[0])
-        task_fields = {}
+                outs.append(out[self.head])
+        extra = {}
         if self.task is not None:
-            ref_rows, cand_rows = np.concatenate(self.rows), np.concatenate(rows)
-            compare = getattr(self.task, "compare", None)
-            if compare is not None:
-                scores = compare(ref_rows, ref_rows), compare(ref_rows, cand_rows)
-            else:
-                scores = self.task.score(ref_rows), self.task.score(cand_rows)
-            task_fields = dict(task=self.task.name, task_reference=float(scores[0]), task_candidate=float(scores[1]))
-        acc = {}
+            ref_score, cand_score = self.task.evaluate(self.rows, rows)
+            extra = dict(task=self.task.name, task_reference=ref_score, task_candidate=cand_score)
         if self.labels is not None:
-            acc = dict(accuracy_reference=self.correct / self.samples, accuracy_candidate=correct / seen)
-        report = Report(reference="fp32", candidate="candidate", samples=seen, provider=self.options.provider,
-                        outputs=tuple(s.result() for s in stats.values()), size_reference=0, size_candidate=0,
-                        latency_reference=None, latency_candidate=None, threads=self.options.threads,
-                        **acc, **task_fields)
+            extra.update(accuracy_reference=self.correct / self.samples,
+                         accuracy_candidate=self._correct(outs) / self.samples)
+        report = Report(reference="fp32", candidate="candidate", samples=self.samples,
+                        provider=self.options.provider, outputs=tuple(s.result() for s in stats.values()),
+                        size_reference=0, size_candidate=0, latency_reference=None, latency_candidate=None,
+                        threads=self.options.threads, **extra)
         self.last_session = sess
         return judge(report, gates)
 
-    def speed(self, sess, pairs: int) -> Speed:
-        """Paired, interleaved timing at batch 1: the median and spread of fp32 / candidate per pair."""
-        a, b, feeds = self.session, sess, self.feed1
-        for _ in range(3):
-            a.run(None, feeds)
-            b.run(None, feeds)
-        ratios = []
-        for i in range(pairs):
-            times = {}
-            for s in ((a, b) if i % 2 == 0 else (b, a)):
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                times[id(s)] = time.perf_counter() - t0
-            ratios.append(times[id(a)] / max(times[id(b)], 1e-9))
-        r = np.asarray(ratios)
-        return Speed(float(np.median(r)), float(np.percentile(r, 10)), float(np.percentile(r, 90)), pairs)
+    def speed(self, sess, pairs: int) -> Speedup:
+        """Paired, interleaved timing at batch 1: fp32 ms / candidate ms per pair."""
+        _, _, ratios = runtime.time_pair(self.session, sess, self.feed1, warmup=3, repeats=pairs)
+        return Speedup.from_ratios(ratios)
 
 
 def budget(n: int) -> int:

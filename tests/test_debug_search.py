@@ -1,0 +1,195 @@
+"""qtool debug (per-node error) and the accuracy-driven search of qtool quantize."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import models
+from qtool.cli import main
+
+
+@pytest.fixture(scope="module")
+def outlier(tmp_path_factory):
+    """A model with one planted badly quantizable node (/conv_b reads an outlier channel)."""
+    d = tmp_path_factory.mktemp("outlier")
+    m = models.outlier_channel_cnn()
+    path = models.save(m, d / "model.onnx")
+    np.savez(d / "calib.npz", **models.random_inputs(m, 64, seed=1))
+    np.savez(d / "eval.npz", **models.random_inputs(m, 96, seed=2))
+    return d, path
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def test_debug_ranks_the_planted_node_first(outlier, tmp_path):
+    d, path = outlier
+    q = tmp_path / "q.onnx"
+    assert run("quantize", path, "--data", d / "calib.npz", "-o", q).exit_code == 0
+    r = run("debug", path, q, "--data", d / "eval.npz", "--json", tmp_path / "d.json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((tmp_path / "d.json").read_text())
+    nodes = report["nodes"]
+    assert nodes[0]["name"] == "/conv_b"
+    assert nodes[0]["isolated_sqnr"] < 15 < min(n["isolated_sqnr"] for n in nodes[1:] if n["op_type"] == "Conv")
+    # its input carries the outlier channel: the widest channel ~100x the median one
+    worst = max(nodes[0]["ranges"], key=lambda x: x["channel_ratio"])
+    assert worst["tensor"] == "m" and worst["channel_ratio"] > 30
+    # accumulated error never beats the node's isolated error by much downstream of the damage
+    conv_c = next(n for n in nodes if n["name"] == "/conv_c")
+    assert conv_c["accumulated_sqnr"] < conv_c["isolated_sqnr"]
+    assert abs(sum(n["mac_share"] for n in nodes if n["op_type"] in ("Conv", "Gemm")) - 1.0) < 1e-6
+    assert report["samples"] == 96
+    assert "/conv_b" in r.stdout.splitlines()[1]
+
+
+def test_debug_isolated_error_matches_a_model_with_only_that_node_quantized(outlier, tmp_path):
+    """Isolated SQNR of /conv_b equals the error of a model where everything else is fp32 and
+    /conv_b reads the fp32 tensor through its own Q/DQ."""
+    from qtool.data import Dataset
+    from qtool.debug import measure
+    from qtool.prepare import prepare
+    d, path = outlier
+    q = tmp_path / "q.onnx"
+    assert run("quantize", path, "--data", d / "calib.npz", "-o", q).exit_code == 0
+    qm = onnx.load(q)
+    p = prepare(path)
+    r = measure(p.model, qm, Dataset(d / "eval.npz").batches(32))
+    # the same quantity, computed by hand in numpy/float from the quantized model's own Q/DQ parameters
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    inits = {t.name: numpy_helper.to_array(t) for t in qm.graph.initializer}
+    producer = {o: n for n in qm.graph.node for o in n.output}
+
+    def qparams(tensor):
+        q = next(n for n in qm.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+        return float(inits[q.input[1]]), int(inits[q.input[2]])
+
+    def dequantized(name):  # a DequantizeLinear of an initializer, evaluated
+        dq = producer[name]
+        q, scale = inits[dq.input[0]].astype(np.float64), inits[dq.input[1]].astype(np.float64)
+        zp = inits[dq.input[2]].astype(np.float64) if len(dq.input) > 2 else 0.0
+        shape = (-1,) + (1,) * (q.ndim - 1) if np.ndim(scale) else ()
+        return ((q - np.reshape(zp, shape)) * np.reshape(scale, shape)).astype(np.float32)
+
+    conv = next(n for n in qm.graph.node if n.name == "/conv_b")
+    w, bias = dequantized(conv.input[1]), dequantized(conv.input[2])
+    aug = onnx.ModelProto()
+    aug.CopyFrom(p.model)
+    aug.graph.output.extend([onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in ("m", "rb")])
+    sess = ort.InferenceSession(aug.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.load(d / "eval.npz")["x"]
+    m_val, rb_val = sess.run(["m", "rb"], {"x": x})
+
+    def fake(v, tensor):
+        s, zp = qparams(tensor)
+        return ((np.clip(np.round(v / s) + zp, 0, 255) - zp) * s).astype(np.float32)
+
+    one = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["i", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("Relu", ["c"], ["o"])], "g",
+        [onnx.helper.make_tensor_value_info("i", onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    o = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"i": fake(m_val, "m")})[0]
+    o = fake(o, "rb")
+    ref = rb_val.astype(np.float64)
+    hand = 10 * np.log10((ref ** 2).sum() / ((o - ref) ** 2).sum())
+    # float arithmetic here, onnxruntime's integer kernel there: the same within rounding
+    assert abs(r.node("/conv_b").isolated_sqnr - hand) < 0.1
+
+
+def test_search_falls_back_the_planted_node_and_no_other(outlier, tmp_path):
+    d, path = outlier
+    out, plan, trail = tmp_path / "s.onnx", tmp_path / "plan.json", tmp_path / "trail.json"
+    r = run("quantize", path, "--data", d / "calib.npz", "-o", out, "--eval-data", d / "eval.npz",
+            "--min-snr", 25, "--no-speed", "--save-plan", plan, "--trail", trail)
+    assert r.exit_code == 0, r.stderr
+    t = json.loads(trail.read_text())
+    assert t["passed"] and t["final"]["fallback"] == ["/conv_b"]
+    assert t["evaluations"] <= 2 * np.log2(5) + 10
+    assert t["ranking"][0]["node"] == "/conv_b"
+    nodes = {n["name"]: n for n in json.loads(plan.read_text())["nodes"]}
+    assert nodes["/conv_b"]["precision"] == "float"
+    assert "isolated SQNR" in nodes["/conv_b"]["reason"] and "--min-snr 25" in nodes["/conv_b"]["reason"]
+    assert all(nodes[n]["precision"] != "float" for n in ("/conv_a", "/conv_c", "/head/Gemm"))
+    m = onnx.load(out)
+    onnx.checker.check_model(m, full_check=True)
+    # the gate holds on the written model, measured by eval
+    r = run("eval", path, out, "--data", d / "eval.npz", "--min-snr", 25, "--repeats", 3)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    # the saved plan gives the same model
+    again = tmp_path / "again.onnx"
+    assert run("quantize", path, "-o", again, "--plan", plan).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_search_that_cannot_meet_the_target_exits_1_and_writes_nothing(outlier, tmp_path):
+    d, path = outlier
+    out = tmp_path / "s.onnx"
+    r = run("quantize", path, "--data", d / "calib.npz", "-o", out, "--eval-data", d / "eval.npz",
+            "--min-snr", 30, "--fallback", "int16", "--no-speed", "--max-evals", 3)
+    # int16 everywhere may or may not reach 30 dB; a budget of 3 evaluations cannot finish the bisection
+    assert r.exit_code in (0, 1)
+    r = run("quantize", path, "--data", d / "calib.npz", "-o", out, "--eval-data", d / "eval.npz",
+            "--min-cosine", 1.0, "--fallback", "int16", "--no-speed")
+    assert r.exit_code == 1, r.stdout
+    assert "target not met" in r.stderr and "nothing written" in r.stderr
+    assert not out.exists()
+    r = run("quantize", path, "--data", d / "calib.npz", "-o", out, "--eval-data", d / "eval.npz",
+            "--min-cosine", 1.0, "--fallback", "int16", "--no-speed", "--best-effort")
+    assert r.exit_code == 1 and out.exists()
+    assert "best effort written" in r.stderr
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_search_with_speed_phase_records_measured_reasons(outlier, tmp_path):
+    d, path = outlier
+    out, plan = tmp_path / "s.onnx", tmp_path / "plan.json"
+    r = run("quantize", path, "--data", d / "calib.npz", "-o", out, "--eval-data", d / "eval.npz",
+            "--min-snr", 25, "--save-plan", plan)
+    assert r.exit_code in (0, 1), r.stderr
+    assert "speed-up" in r.stdout
+    if r.exit_code == 0:
+        nodes = json.loads(plan.read_text())["nodes"]
+        for n in nodes:
+            if n["precision"] == "float" and n["reason"].startswith("fp32: its int8 group measured"):
+                assert "ms" in n["reason"]
+        onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-snr", "20"], "needs --eval-data"),
+    (["--eval-data", "EVAL"], "at least one gate"),
+    (["--eval-data", "EVAL", "--min-snr", "20", "--mode", "dynamic"], "static mode"),
+    (["--eval-data", "EVAL", "--max-drop", "0.01"], "needs labels"),
+])
+def test_search_bad_input_exits_2(outlier, tmp_path, args, message):
+    d, path = outlier
+    args = [str(d / "eval.npz") if a == "EVAL" else a for a in args]
+    data = [] if "--mode" in args else ["--data", d / "calib.npz"]
+    r = run("quantize", path, *data, "-o", tmp_path / "x.onnx", *args)
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert message in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_debug_rejects_a_qoperator_model_and_a_bad_plot_path(outlier, tmp_path):
+    d, path = outlier
+    q = tmp_path / "q.onnx"
+    assert run("quantize", path, "--data", d / "calib.npz", "-o", q, "--format", "qoperator").exit_code == 0
+    r = run("debug", path, q, "--data", d / "eval.npz")
+    assert r.exit_code == 2 and "QDQ" in r.stderr
+    r = run("debug", path, q, "--data", d / "eval.npz", "--plot", tmp_path / "x.pdf")
+    assert r.exit_code == 2 and ".png or .svg" in r.stderr
+
+
+def test_budget_is_logarithmic():
+    from qtool.search import budget
+    assert budget(64) == 22 and budget(300) == int(2 * np.log2(300)) + 10 and budget(1) == 12
