@@ -59,7 +59,9 @@ class NodeCost:
     ``node``: the plan node that heads the group; ``members``: the plan nodes fused into
     it. ``float_ms``: its kernels in the fp32 session; ``int8_ms``: everything onnxruntime
     ran for it in the candidate session. ``delta_p10_ms``/``delta_p90_ms``: the 10th and
-    90th percentile over run pairs of (int8 - float), the noise band. ``quantized``: the
+    90th percentile over run pairs of (int8 - float), the noise band. ``shared``: groups
+    whose time one fused kernel holds on one side only (fp32's NCHWc Conv adds the residual
+    Add in, int8 runs a QLinearAdd): compare them together. ``quantized``: the
     plan quantizes it. ``detail``/``float_detail``: what ran, e.g. ``QLinearConv[uint8]
     0.21 ms + QuantizeLinear[uint8] 0.05 ms``.
     """
@@ -74,6 +76,7 @@ class NodeCost:
     float_detail: str = ""
     delta_p10_ms: float = 0.0
     delta_p90_ms: float = 0.0
+    shared: tuple[str, ...] = ()
 
     @property
     def delta_ms(self) -> float:
@@ -106,6 +109,15 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _consumers(nodes) -> dict[str, list]:
+    out = defaultdict(list)
+    for n in nodes:
+        for i in n.input:
+            if i:
+                out[i].append(n)
+    return out
+
+
 class _Base:
     """The model handed to onnxruntime: which group owns each of its nodes and tensors."""
 
@@ -115,6 +127,8 @@ class _Base:
         nodes = list(model.graph.node)
         producer = {o: n for n in nodes for o in n.output if o}
         self.head, self.producer = head, producer
+        self.readers = {t: len(c) for t, c in _consumers(nodes).items()}
+        self.absorbed: dict[str, str] = {}  # group -> the group whose fused kernel runs it too
         self.nodes = {n.name: n for n in nodes}
         consumers = defaultdict(list)
         for n in nodes:
@@ -168,6 +182,18 @@ class _Base:
                 for o in n.output:
                     self.tensor_owner[o] = g
 
+    def absorber(self, group: str) -> str | None:
+        """The group whose kernel onnxruntime fused ``group`` into, when ``group`` ran nothing of
+        its own: the producer of one of its inputs that only it reads (a Conv before its Add)."""
+        for n in self.nodes.values():
+            if self.head.get(n.name) != group:
+                continue
+            for i in n.input:
+                p = self.producer.get(i)
+                if p is not None and self.head.get(p.name) not in (None, group) and self.readers.get(i) == 1:
+                    return self.head[p.name]
+        return None
+
     def by_name(self, name: str, op_type: str) -> str | None:
         for key in _name_keys(name):
             if key in self.node_owner:
@@ -181,14 +207,18 @@ class _Base:
         (NCHWc Conv+Relu) after the last tensor it writes, so when that tensor's node is not
         of the fused kernel's kind, the group of the nearest producer above that is."""
         want = _base_op(op_type)
-        n = self.producer.get(tensor)
-        for _ in range(4):
-            if n is None:
-                break
-            if n.op_type == want and self.head.get(n.name):
-                return self.head[n.name]
-            n = self.producer.get(n.input[0]) if n.input else None
-        return self.tensor_owner[tensor]
+        named = self.tensor_owner[tensor]
+        level = [self.producer.get(tensor)]
+        for _ in range(4):  # breadth first up the inputs; a fused node's producers feed it alone
+            found = [n for n in level if n is not None and n.op_type == want and self.head.get(n.name)
+                     and all(self.readers.get(o, 0) <= 1 for o in n.output)]
+            if found:
+                g = self.head[found[0].name]
+                if g != named:  # e.g. a residual Add the fp32 NCHWc Conv adds in (Sum input)
+                    self.absorbed[named] = g
+                return g
+            level = [self.producer.get(i) for n in level if n is not None for i in n.input]
+        return named
 
 
 def _base_op(op_type: str) -> str:
@@ -372,11 +402,23 @@ def node_costs(reference: onnx.ModelProto, candidate: onnx.ModelProto, plan: Pla
         for i in range(runs):
             for s in (sessions if i % 2 == 0 else sessions[::-1]):
                 s.run(feeds)
-        measured = []
+        measured, shared, bases, ran = [], defaultdict(set), [], []
         for s, m in zip(sessions, (ref, cand)):
-            owners = _optimized_owners(s.optimized(), _Base(m, plan, head))
+            base = _Base(m, plan, head)
+            owners = _optimized_owners(s.optimized(), base)
+            for a, b in base.absorbed.items():
+                shared[a].add(b)
+                shared[b].add(a)
             kernels, run_windows = s.events()
             measured.append(_per_run(kernels, run_windows, runs, owners))
+            bases.append(base)
+            ran.append(set(owners.values()))
+        for side in (0, 1):  # a group that runs on one side only, fused into a neighbour on the other
+            for g in ran[1 - side] - ran[side]:
+                b = bases[side].absorber(g)
+                if b is not None:
+                    shared[g].add(b)
+                    shared[b].add(g)
     (f_tot, f_parts, nf), (q_tot, q_parts, nq) = measured
     n = min(nf, nq)
     members = defaultdict(list)
@@ -395,7 +437,8 @@ def node_costs(reference: onnx.ModelProto, candidate: onnx.ModelProto, plan: Pla
                               _describe(q_parts.get(node.name, {})) or "nothing (removed by onnxruntime)",
                               node.quantized, tuple(members[node.name]),
                               _describe(f_parts.get(node.name, {})) or "nothing (removed by onnxruntime)",
-                              float(np.percentile(d, 10)) if n else 0.0, float(np.percentile(d, 90)) if n else 0.0))
+                              float(np.percentile(d, 10)) if n else 0.0, float(np.percentile(d, 90)) if n else 0.0,
+                              tuple(sorted(shared.get(node.name, ())))))
     if UNATTRIBUTED in f_tot or UNATTRIBUTED in q_tot:
         f = f_tot.get(UNATTRIBUTED, zero)[:n]
         q = q_tot.get(UNATTRIBUTED, zero)[:n]
@@ -414,11 +457,28 @@ def slower_groups(costs: list[NodeCost], margin: float = 0.10, min_ms: float = 0
     A group counts as slower when its median int8 time exceeds the float one by more than
     ``margin`` (relative) and the 10th percentile of its per-pair difference (int8 - float,
     runs taken alternately) is above ``min_ms``: in at least 9 pairs of 10 it lost by more
-    than the profiler's microsecond resolution. ``include_float``: also float groups that
+    than the profiler's microsecond resolution. Groups ``shared`` with others are judged
+    by their sums, and returned together. ``include_float``: also float groups that
     onnxruntime ran slower in the candidate (e.g. on uint8 after moving a Q above them).
     """
-    slow = [c for c in costs if c.node != UNATTRIBUTED and (c.quantized or include_float)
-            and c.int8_ms > c.float_ms * (1.0 + margin) and c.delta_p10_ms > min_ms]
+    by_node = {c.node: c for c in costs if c.node != UNATTRIBUTED}
+    slow, seen = [], set()
+    for c in by_node.values():
+        if c.node in seen:
+            continue
+        cluster, todo = {c.node}, [c.node]
+        while todo:  # groups one fused kernel covers on one side are judged together
+            for other in by_node[todo.pop()].shared:
+                if other in by_node and other not in cluster:
+                    cluster.add(other)
+                    todo.append(other)
+        seen |= cluster
+        members = [by_node[n] for n in cluster]
+        f = sum(m.float_ms for m in members)
+        q = sum(m.int8_ms for m in members)
+        lo = sum(m.delta_p10_ms for m in members)  # a conservative bound on the sum's p10
+        if q > f * (1.0 + margin) and lo > min_ms:
+            slow.extend(m for m in members if m.quantized or include_float)
     return sorted(slow, key=lambda c: -(c.int8_ms - c.float_ms))
 
 

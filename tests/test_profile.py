@@ -116,3 +116,13 @@ def test_generated_nodes_go_to_their_neighbours(op):
         [], []))
     owners = profile._optimized_owners(opt, profile._Base(base, plan, profile._groups(plan)))
     assert owners == {f"{op}_token_3": "conv", "conv_token_4": "conv"}
+
+
+def test_groups_one_side_fuses_are_judged_together():
+    """fp32 adds a residual Add into its NCHWc Conv, int8 runs QLinearConv + QLinearAdd: the Add alone
+    looks infinitely slower; the pair is compared as a whole."""
+    conv = NodeCost("conv", "Conv", 0.30, 0.20, "", True, (), "", -0.12, -0.08, ("add",))
+    add = NodeCost("add", "Add", 0.0, 0.05, "", True, (), "", 0.04, 0.06, ("conv",))
+    assert profile.slower_groups([conv, add]) == []
+    slow_conv = NodeCost("conv", "Conv", 0.30, 0.40, "", True, (), "", 0.08, 0.12, ("add",))
+    assert {c.node for c in profile.slower_groups([slow_conv, add])} == {"conv", "add"}
