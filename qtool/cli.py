@@ -206,14 +206,14 @@ def _merge(paths, model, output):
                    "until the gates hold (exit 1, nothing written, if they cannot).")
 @click.option("--labels", type=click.Path(), help="Search: integer labels (.npy) for --max-drop.")
 @gate_options
-@click.option("--fallback", type=click.Choice(["fp32", "int16"]), default="fp32", show_default=True,
-              help="Search: the precision sensitive nodes fall back to.")
+@click.option("--fallback", type=click.Choice(["fp32", "int16"]), default=None,
+              help="Search: the precision sensitive nodes fall back to (default fp32).")
 @click.option("--best-effort", is_flag=True, help="Search: write the best model found even if a gate fails.")
-@click.option("--speed/--no-speed", default=True, show_default=True,
+@click.option("--speed/--no-speed", default=None,
               help="Search: time candidates against fp32 and keep float the int8 groups onnxruntime's profile "
-                   "measures slower than float.")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Search: intra-op threads for evaluation and timing.")
+                   "measures slower than float (default on).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Search: intra-op threads for evaluation and timing (default 2).")
 @click.option("--max-evals", type=click.IntRange(min=2), default=None,
               help="Search: evaluation budget (default 2*log2(N)+10 for N ranked nodes).")
 @click.option("--trail", "trail_path", type=click.Path(), help="Search: write the trail and ranking as JSON.")
@@ -250,8 +250,14 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
     gates = dict(max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine, min_snr=min_snr,
                  min_speedup=min_speedup, max_task_drop=max_task_drop)
     if eval_data or any(v is not None for v in gates.values()) or task:
+        check_output_path(output, model, table, data, plan_path, eval_data, labels)
         return _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback,
                        best_effort, speed, threads, max_evals, trail_path, plan_path, explain, save_plan)
+    stray = [flag for flag, value in (("--labels", labels), ("--fallback", fallback), ("--best-effort", best_effort or None),
+                                      ("--speed/--no-speed", speed), ("--threads", threads),
+                                      ("--max-evals", max_evals), ("--trail", trail_path)) if value is not None]
+    if stray:
+        raise QtoolError(f"{stray[0]} applies to the accuracy search: give --eval-data and a gate, or drop it")
     bar = None
     if data:
         ds = api.Dataset(data)
@@ -289,19 +295,22 @@ def _search(model, output, table, data, method, qopts, copts, eval_data, labels,
                          "--max-task-drop with --task, or --min-speedup)")
     if (gates["max_task_drop"] is None) != (task is None):
         raise QtoolError("--max-task-drop and --task go together")
+    if gates["min_speedup"] is not None and speed is False:
+        raise QtoolError("--min-speedup needs the timing that --no-speed turns off")
     for path in (trail_path, save_plan):
         if path:
-            check_output_path(path, model, table, data, eval_data, output)
+            check_output_path(path, model, table, data, eval_data, labels, output)
     ds = api.Dataset(eval_data)
-    label_array = api._labels(ds, labels, None)
+    # labels are read only when asked for: a 'labels' array in the data of a non-classifier is ignored
+    label_array = api._labels(ds, labels, None) if labels or gates["max_drop"] is not None else None
     if gates["max_drop"] is not None and label_array is None:
         raise QtoolError("--max-drop needs labels (a 'labels' array in --eval-data or --labels)")
     task_obj = None
     if task:
         from .task import load_task
         task_obj = load_task(task)
-    sopts = SearchOptions(Thresholds(**gates), fallback=fallback, best_effort=best_effort, threads=threads,
-                          max_evaluations=max_evals, speed=speed)
+    sopts = SearchOptions(Thresholds(**gates), fallback=fallback or "fp32", best_effort=best_effort,
+                          threads=threads or 2, max_evaluations=max_evals, speed=speed is not False)
     calib = api.Dataset(data) if data else None
     written, result = quantize_search(model, output, table, calib, qopts, copts, method, ds, label_array, task_obj,
                                       sopts, log=click.echo)
@@ -334,7 +343,8 @@ def _search(model, output, table, data, method, qopts, copts, eval_data, labels,
 @click.option("--json", "json_path", type=click.Path(), help="Write the full ranking as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(), help="Draw the ranking (.png or .svg; needs qtool[plot]).")
 @click.option("--top", type=click.IntRange(min=1), default=30, show_default=True, help="Rows to print.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Samples per run (default 8, "
+              "or the model's fixed batch).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--preprocess/--no-preprocess", default=True, help="As the quantize that made CANDIDATE (default on).")

@@ -51,7 +51,7 @@ class RangeUse:
     grid_use: float      # share of the integer grid between the data's min and max
     clipped: float       # share of values outside the grid's range
     outlier_ratio: float  # (max - min) / (p99.95 - p0.05); 1 = no outliers
-    channel_ratio: float  # the widest channel's range / the median channel's (axis 1; last axis below rank 3)
+    channel_ratio: float  # the widest channel's range / the median channel's (axis 1 from rank 4, else the last)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class NodeError:
 
     @property
     def worst_range(self) -> RangeUse | None:
-        return max(self.ranges, key=lambda r: (max(r.outlier_ratio, r.channel_ratio), r.clipped), default=None)
+        return max(self.ranges, key=lambda r: (max(r.outlier_ratio, np.nan_to_num(r.channel_ratio)), r.clipped),
+                   default=None)
 
 
 @dataclass(frozen=True)
@@ -117,18 +118,27 @@ def _name(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({node.output[0]})"
 
 
-def groups(qmodel: onnx.ModelProto, reference_names: set[str]) -> tuple[list[Group], list[str]]:
-    """The quantized nodes of ``qmodel`` whose output exists in the reference; and the rest, with why."""
+#: Float activations onnxruntime fuses into the kernel before them (the group's output follows them).
+CHAIN_OPS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "HardSwish")
+#: Integer kernels with a float output (no QuantizeLinear after them): quantized all the same.
+FLOAT_OUTPUT_KERNELS = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+
+
+def groups(qmodel: onnx.ModelProto, reference_names: set[str],
+           float_tensors: set[str] | None = None) -> tuple[list[Group], list[str]]:
+    """The quantized nodes of ``qmodel`` whose output exists in the reference; and the rest, with why.
+
+    A node is quantized when it reads a DequantizeLinear and either its output (after a fused
+    activation) is quantized again or it is a Conv/MatMul/Gemm (an integer kernel with a float
+    output). Float nodes that merely read a dequantized tensor (Shape, a float Mul) are not.
+    ``float_tensors``: the reference's float32 tensors; a group whose output is not one is skipped.
+    """
     view = GraphView(qmodel)
     found, skipped = [], []
     for node in view.nodes:
         if node.op_type in QDQ_OPS or not any(_op(view, i) == "DequantizeLinear" for i in node.input):
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            continue
-        why = _unsupported_input(view, node, reference_names)
-        if why:
-            skipped.append(f"{_name(node)}: {why}")
             continue
         chain, cur = [], node
         out_q = None
@@ -138,19 +148,37 @@ def groups(qmodel: onnx.ModelProto, reference_names: set[str]) -> tuple[list[Gro
             if q is not None:
                 out_q = q
                 break
-            if (len(users) == 1 and len(chain) < 2 and users[0].op_type not in QDQ_OPS
-                    and cur.output[0] not in view.graph_outputs and len(users[0].output) == 1
-                    and not any(_op(view, i) == "DequantizeLinear" for i in users[0].input)
+            if (len(users) == 1 and len(chain) < 2 and users[0].op_type in CHAIN_OPS
+                    and cur.output[0] not in view.graph_outputs
                     and all(i == cur.output[0] or i in view.initializers or not i for i in users[0].input)):
                 cur = users[0]
                 chain.append(cur)
                 continue
             break
-        if cur.output[0] not in reference_names:
-            skipped.append(f"{_name(node)}: its output {cur.output[0]!r} is not a tensor of the fp32 model")
+        if out_q is None and node.op_type not in FLOAT_OUTPUT_KERNELS:
+            continue  # a float node reading a dequantized tensor
+        why = _unsupported_input(view, node, reference_names)
+        if why is None and cur.output[0] not in reference_names:
+            why = f"its output {cur.output[0]!r} is not a tensor of the fp32 model"
+        if why is None and float_tensors is not None and cur.output[0] not in float_tensors:
+            why = f"its output {cur.output[0]!r} is not a float32 tensor"
+        if why:
+            skipped.append(f"{_name(node)}: {why}")
             continue
         found.append(Group(node, tuple(chain), cur.output[0], out_q))
+    for node in view.nodes:
+        for a in node.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) and any(
+                    n.op_type == "DequantizeLinear" for g in ([a.g] if a.g.node else list(a.graphs)) for n in g.node):
+                skipped.append(f"{_name(node)}/{a.name}: nodes inside subgraphs are not measured")
     return found, skipped
+
+
+def float_tensors(model: onnx.ModelProto) -> set[str]:
+    """The main graph's float32 tensors, by the types shape inference recorded."""
+    view = GraphView(model)
+    names = {o for n in view.nodes for o in n.output if o} | set(view.graph_inputs) | set(view.initializers)
+    return {t for t in names if view.elem_type(t) == onnx.TensorProto.FLOAT}
 
 
 def _op(view: GraphView, tensor: str) -> str | None:
@@ -216,7 +244,14 @@ def isolated_model(reference: onnx.ModelProto, qmodel: onnx.ModelProto,
             c.output.extend(outs)
             out.graph.node.append(c)
 
+        done: dict[str, str] = {}
+
         def qdq_input(i):
+            if i not in done:
+                done[i] = _qdq_input(i)
+            return done[i]
+
+        def _qdq_input(i):
             if not i:
                 return i
             if i in qview.initializers:
@@ -227,9 +262,11 @@ def isolated_model(reference: onnx.ModelProto, qmodel: onnx.ModelProto,
             src = dq.input[0]
             if src in qview.initializers:
                 dq_in = const(src)
+            elif src in done:
+                dq_in = done[src]
             else:
                 q = qview.producer[src]
-                dq_in = pre + src
+                dq_in = done[src] = pre + src
                 clone(q, [q.input[0]] + [const(x) for x in q.input[1:]], [dq_in])
             clone(dq, [dq_in] + [const(x) for x in dq.input[1:]], [pre + i])
             return pre + i
@@ -304,6 +341,7 @@ class _Range:
         self.clipped = self.count = 0
         self.hist = StreamingHistogram(bins)
         self.ch_min = self.ch_max = None
+        self.ch_unknown = False
 
     def update(self, x: np.ndarray):
         if not x.size:
@@ -312,16 +350,20 @@ class _Range:
         self.clipped += int(((x < self.lo) | (x > self.hi)).sum())
         self.count += x.size
         self.hist.update(x)
-        axis = 1 if x.ndim >= 3 else x.ndim - 1
-        if x.ndim >= 2:
+        axis = 1 if x.ndim >= 4 else x.ndim - 1  # NCHW images; [batch, tokens, channels] sequences
+        if x.ndim >= 2 and not self.ch_unknown:
             flat = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
             lo, hi = flat.min(axis=1), flat.max(axis=1)
-            if self.ch_min is None or self.ch_min.shape != lo.shape:
+            if self.ch_min is None:
                 self.ch_min, self.ch_max = lo, hi
+            elif self.ch_min.shape != lo.shape:
+                self.ch_unknown = True  # the channel axis changed length: no per-channel figure
             else:
                 self.ch_min, self.ch_max = np.minimum(self.ch_min, lo), np.maximum(self.ch_max, hi)
 
     def channel_ratio(self) -> float:
+        if self.ch_unknown:
+            return float("nan")
         if self.ch_min is None or len(self.ch_min) < 2:
             return 1.0
         widths = (self.ch_max - self.ch_min).astype(np.float64)
@@ -375,8 +417,9 @@ def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterab
     """Accumulated and isolated error of every quantized node, streamed over ``batches``."""
     from . import runtime
     from .calib.collect import augment
+    from .errors import InternalError, ModelError
     ref_names = tensor_names(reference)
-    found, skipped = groups(qmodel, ref_names)
+    found, skipped = groups(qmodel, ref_names, float_tensors(reference))
     iso_model, iso_out = isolated_model(reference, qmodel, found)
     acc_model, acc_out = exposed_model(qmodel, found)
     qview = GraphView(qmodel)
@@ -391,8 +434,12 @@ def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterab
     ref_fetch = list(dict.fromkeys([g.output for g in found] + list(ranges)))
     iso_fetch = [iso_out[n] for n in names]
     acc_fetch = [acc_out[n] for n in names]
-    sess_i = runtime.session(augment(iso_model, ref_fetch + iso_fetch), threads=threads)
-    sess_a = runtime.session(augment(acc_model, acc_fetch), threads=threads)
+    try:
+        sess_i = runtime.session(augment(iso_model, ref_fetch + iso_fetch), threads=threads)
+        sess_a = runtime.session(augment(acc_model, acc_fetch), threads=threads)
+    except ModelError as exc:  # qtool built these models: a failure to load them is qtool's bug
+        raise InternalError(f"internal error: debug's measuring model does not load ({exc}); please report "
+                            "it with the model") from None
     inputs = [i.name for i in sess_i.get_inputs()]
     errors = {n: _Error() for n in names}
     samples = 0
@@ -406,7 +453,7 @@ def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterab
             errors[n].update(ref_vals[g.output], acc, iso)
         for t, r in ranges.items():
             r.update(ref_vals[t])
-        samples += len(next(iter(feeds.values())))
+        samples += len(batch[inputs[0]]) if inputs else 0
         values = ref_vals = iso_vals = acc_vals = None
     total = sum((macs or {}).values())
     table_hists = {t: s.histogram for t, s in table.tensors.items()} if table is not None else {}
@@ -481,11 +528,11 @@ def plot(r: DebugReport, path: str, top: int = 40) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def run(reference, candidate, data, table=None, preprocess: bool = True, batch_size: int = 8,
+def run(reference, candidate, data, table=None, preprocess: bool = True, batch_size: int | None = None,
         limit: int | None = None, threads: int | None = None) -> DebugReport:
     """``qtool debug``: prepare the fp32 model as ``quantize`` did, then :func:`measure`."""
     from . import model as model_io
-    from .api import open_data
+    from .api import _batch_size, open_data
     from .calib.table import CalibrationTable
     from .errors import ModelError
     from .inspection import macs_by_node, static_view
@@ -495,7 +542,7 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
     ds = open_data(data, p.model)
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
-    found, skipped = groups(q, tensor_names(p.model))
+    found, skipped = groups(q, tensor_names(p.model), float_tensors(p.model))
     if not found:
         kinds = sorted({n.op_type for n in q.graph.node if n.op_type.startswith(("QLinear", "DynamicQuantize",
                                                                                   "MatMulInteger", "ConvInteger"))})
@@ -506,4 +553,5 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
                          + (f" ({skipped[0]})" if skipped else "")
                          + "; give the fp32 model it was quantized from (and --no-preprocess if it was)")
     macs = macs_by_node(static_view(p.model, {})[0])
+    batch_size = _batch_size(p.model, batch_size or 8)
     return measure(p.model, q, ds.batches(batch_size, limit), macs, table, threads, str(reference), str(candidate))

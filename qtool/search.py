@@ -71,12 +71,13 @@ class Step:
     passed: bool
     int8_mac_share: float
     speed: Speedup | None = None
+    float_ranked: int = 0           # ranked nodes actually float (the planner keeps some neighbours float)
 
     def line(self) -> str:
         gates = "  ".join(f"{g.name} {g.value:.4g}{'' if g.passed else '!'}" for g in self.gates)
         sp = (f"  speed-up {self.speed.median:.2f}x (p10-p90 {self.speed.p10:.2f}-{self.speed.p90:.2f})"
               if self.speed else "")
-        return (f"step {self.index:>2}: {self.what:<38} float {len(self.fallback):>3}  int8 MACs "
+        return (f"step {self.index:>2}: {self.what:<38} float {self.float_ranked:>3}  int8 MACs "
                 f"{self.int8_mac_share * 100:5.1f}%  {gates}{sp}  {'PASS' if self.passed else 'fail'}")
 
 
@@ -94,17 +95,18 @@ class SearchResult:
     def to_dict(self) -> dict:
         def step(s: Step) -> dict:
             d = {"step": s.index, "what": s.what, "fallback": list(s.fallback), "passed": s.passed,
-                 "int8_mac_share": s.int8_mac_share,
+                 "int8_mac_share": s.int8_mac_share, "float_ranked": s.float_ranked,
                  "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "passed": g.passed}
                            for g in s.gates]}
             if s.speed is not None:
                 d["speedup"] = {"median": s.speed.median, "p10": s.speed.p10, "p90": s.speed.p90,
                                 "pairs": s.speed.pairs}
             return d
-        return {"format": "qtool.search", "passed": self.passed, "evaluations": self.evaluations,
+        from .debug import _finite_json
+        return _finite_json({"format": "qtool.search", "passed": self.passed, "evaluations": self.evaluations,
                 "seconds": self.seconds, "final": step(self.final), "notes": list(self.notes),
-                "ranking": [{"node": n, "isolated_sqnr": v if math.isfinite(v) else "inf"} for n, v in self.ranking],
-                "trail": [step(s) for s in self.trail]}
+                "ranking": [{"node": n, "isolated_sqnr": v} for n, v in self.ranking],
+                "trail": [step(s) for s in self.trail]})
 
     @property
     def miss(self) -> str:
@@ -114,8 +116,9 @@ class SearchResult:
 class Reference:
     """The fp32 model's outputs on the evaluation data, computed once and kept."""
 
-    def __init__(self, path, ds, labels, task, options: SearchOptions):
+    def __init__(self, path, ds, labels, task, options: SearchOptions, batch_size: int | None = None):
         self.ds, self.task, self.options = ds, task, options
+        self.batch_size = batch_size or options.batch_size
         sess = runtime.session(str(path), runtime.pick_provider(options.provider).used, options.threads)
         self.inputs = [i.name for i in sess.get_inputs()]
         self.names = runtime.output_names(sess)
@@ -126,7 +129,7 @@ class Reference:
             self.outputs.append(out)
             if task is not None:
                 self.rows.append(task.rows(dict(zip(self.names, out)), batch))
-            self.samples += len(out[0])
+            self.samples += len(batch[self.inputs[0]])
         self.head = next((i for i, (n, a) in enumerate(zip(self.names, self.outputs[0]))
                           if is_classifier_output(n, a)), None) if self.outputs else None
         if labels is not None and self.head is None:
@@ -138,7 +141,7 @@ class Reference:
         self.session = sess
 
     def _batches(self):
-        return self.ds.batches(self.options.batch_size, self.options.limit)
+        return self.ds.batches(self.batch_size, self.options.limit)
 
     def _correct(self, heads: list[np.ndarray]) -> int:
         y = self.labels[:self.samples]
@@ -194,7 +197,8 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     from .debug import measure
     from .inspection import macs_by_node, static_view
     started = time.perf_counter()
-    ref = Reference(model_path, eval_data, labels, task, sopts)
+    batch_size = api._batch_size(prepared.model, sopts.batch_size)
+    ref = Reference(model_path, eval_data, labels, task, sopts, batch_size)
     macs = macs_by_node(static_view(prepared.model, {})[0])
     total_macs = sum(macs.values()) or 1
     gates = sopts.accuracy_gates
@@ -206,29 +210,36 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         return plan, _candidate(api, plan, prepared)
 
     def evaluate(nodes, what) -> Step:
-        key = frozenset(nodes)
-        if key in cache:
-            return cache[key][1]
         plan, m = build(nodes)
+        actual = frozenset(n.name for n in plan.nodes if not n.quantized)  # the planner may keep neighbours float
+        if actual in cache:
+            cached_plan, step = cache[actual]
+            cache[frozenset(nodes)] = (cached_plan, step)
+            return step
         report = ref.judge(m, gates)
         share = sum(macs.get(n.name, 0) for n in plan.quantized_nodes()) / total_macs
         speed = ref.speed(ref.last_session, sopts.timing_pairs) if sopts.speed else None
-        step = Step(len(trail) + 1, what, tuple(nodes), report.gates, report.passed, share, speed)
+        step = Step(len(trail) + 1, what, tuple(nodes), report.gates, report.passed, share, speed,
+                    len(actual & ranked))
         trail.append(step)
-        cache[key] = (plan, step)
+        cache[actual] = cache[frozenset(nodes)] = (plan, step)
         log(step.line())
         return step
 
     base_plan = api._resolved_plan(prepared, options, table, method)
     qdq = _candidate(api, replace(base_plan, format="qdq"), prepared, restore=False)
     limit = sopts.sensitivity_samples
-    sens = measure(prepared.model, qdq, eval_data.batches(min(sopts.batch_size, 16), limit), macs,
+    sens = measure(prepared.model, qdq, eval_data.batches(min(batch_size, 16), limit), macs,
                    threads=sopts.threads)
     quantized = {n.name for n in base_plan.quantized_nodes()}
     ranking = [(e.name, e.isolated_sqnr) for e in sens.nodes if e.op_type not in NOT_RANKED and e.name in quantized]
     names = [n for n, _ in ranking]
+    ranked = set(names)
     n = len(names)
     cap = sopts.max_evaluations or budget(n)
+    inside = sum(len(sub.quantized_nodes()) for sub in base_plan.subgraphs.values())
+    if inside:
+        log(f"note: {inside} quantized nodes inside If/Loop/Scan bodies are not ranked and stay as planned")
     log(f"ranked {n} nodes by isolated SQNR (worst: "
         + ", ".join(f"{a} {b:.1f} dB" for a, b in ranking[:3]) + f"); at most {cap} evaluations")
 
@@ -255,7 +266,10 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
                 if len(trail) >= cap:
                     break
                 trial = [c for c in chosen if c != node]
+                before = len(trail)
                 step = evaluate(trial, f"{node} back to int8")
+                if len(trail) == before and step is cache[frozenset(chosen)][1]:
+                    continue  # the planner keeps it float with its neighbours: nothing to try
                 if step.passed:
                     chosen = trial
                 else:

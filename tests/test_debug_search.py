@@ -169,6 +169,9 @@ def test_search_with_speed_phase_records_measured_reasons(outlier, tmp_path):
     (["--eval-data", "EVAL"], "at least one gate"),
     (["--eval-data", "EVAL", "--min-snr", "20", "--mode", "dynamic"], "static mode"),
     (["--eval-data", "EVAL", "--max-drop", "0.01"], "needs labels"),
+    (["--eval-data", "EVAL", "--min-speedup", "1", "--no-speed"], "--no-speed"),
+    (["--fallback", "int16"], "applies to the accuracy search"),
+    (["--trail", "t.json"], "applies to the accuracy search"),
 ])
 def test_search_bad_input_exits_2(outlier, tmp_path, args, message):
     d, path = outlier
@@ -188,6 +191,46 @@ def test_debug_rejects_a_qoperator_model_and_a_bad_plot_path(outlier, tmp_path):
     assert r.exit_code == 2 and "QDQ" in r.stderr
     r = run("debug", path, q, "--data", d / "eval.npz", "--plot", tmp_path / "x.pdf")
     assert r.exit_code == 2 and ".png or .svg" in r.stderr
+
+
+def test_output_may_not_overwrite_the_eval_data(outlier, tmp_path):
+    d, path = outlier
+    import shutil
+    ev = tmp_path / "ev.npz"
+    shutil.copy(d / "eval.npz", ev)
+    r = run("quantize", path, "--data", d / "calib.npz", "-o", ev, "--eval-data", ev, "--min-snr", 10, "--no-speed")
+    assert r.exit_code == 2
+    assert np.load(ev)["x"].shape == (96, 3, 16, 16)
+
+
+def test_debug_and_search_on_a_fixed_batch_of_one_and_a_node_reading_one_tensor_twice(tmp_path):
+    """A model exported with batch 1 fixed is measured one sample at a time; a float Mul(r, r) that
+    reads a dequantized tensor twice is not a quantized node (it used to be cloned twice and crash)."""
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["a"], name="/conv"), helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("Mul", ["r", "r"], ["m"], name="/square"),
+         helper.make_node("Conv", ["m", "w2", "b2"], ["y"], name="/conv2")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(rng.normal(0, .3, (6, 3, 1, 1)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(6, np.float32), "b"),
+         numpy_helper.from_array(rng.normal(0, .3, (4, 6, 1, 1)).astype(np.float32), "w2"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "b2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = models.save(m, tmp_path / "b1.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.normal(0, 1, (20, 3, 8, 8)).astype(np.float32))
+    q = tmp_path / "q.onnx"
+    assert run("quantize", path, "--data", tmp_path / "x.npz", "-o", q).exit_code == 0
+    r = run("debug", path, q, "--data", tmp_path / "x.npz", "--json", tmp_path / "d.json")
+    assert r.exit_code == 0, r.output
+    names = {n["name"] for n in json.loads((tmp_path / "d.json").read_text())["nodes"]}
+    assert names == {"/conv"}  # /square (float, reads r twice) and /conv2 (float output) stay float
+    r = run("quantize", path, "--data", tmp_path / "x.npz", "-o", tmp_path / "s.onnx", "--eval-data",
+            tmp_path / "x.npz", "--min-snr", 10, "--no-speed", "--trail", tmp_path / "t.json")
+    assert r.exit_code == 0, r.output
+    json.loads((tmp_path / "t.json").read_text())  # strict JSON: no Infinity
 
 
 def test_budget_is_logarithmic():
