@@ -307,6 +307,96 @@ def exposed_model(qmodel: onnx.ModelProto, found: list[Group]) -> tuple[onnx.Mod
     return out, outputs
 
 
+def perturbed_model(reference: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """The fp32 model with ``t + d_t`` in place of each tensor ``t`` for every node after it, ``d_t``
+    a graph input of t's shape: fed zeros, the fp32 model; fed one node's quantization error
+    (isolated output - fp32), the model with only that node quantized. Returns (model, inputs)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(reference)
+    g = model.graph
+    shapes = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
+    mixed, inputs, extra = {}, [], []
+    for k, t in enumerate(tensors):
+        d, m = f"{PREFIX}/delta/{k}", f"{PREFIX}/perturbed/{k}"
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(shapes[t]) if t in shapes else vi.CopyFrom(
+            helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+        vi.name = d
+        g.input.append(vi)
+        extra.append(helper.make_node("Add", [t, d], [m], name=m))
+        mixed[t] = m
+        inputs.append(d)
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in mixed:
+                node.input[i] = mixed[name]
+    result = _toposort(list(g.node) + extra, {i.name for i in g.input} | {t.name for t in g.initializer})
+    del g.node[:]
+    g.node.extend(result)
+    return model, inputs
+
+
+def _toposort(nodes: list, available: set[str]) -> list:
+    """Kahn's algorithm, keeping the given order where it is already valid."""
+    done, out, pending = set(available), [], list(nodes)
+    while pending:
+        rest = []
+        progressed = False
+        for n in pending:
+            if all(not i or i in done for i in n.input):
+                out.append(n)
+                done.update(n.output)
+                progressed = True
+            else:
+                rest.append(n)
+        if not progressed:
+            raise ValueError("cycle in the switched model")
+        pending = rest
+    return out
+
+
+def output_sensitivity(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches, threads: int | None = None
+                       ) -> dict[str, float]:
+    """For every quantized node: the model outputs' SNR (dB) against fp32 with only that node
+    quantized (its inputs from fp32 through its own Q/DQ, as onnxruntime's integer kernel computes
+    it). Per batch one run of the isolated model gives every node's error at its output; the
+    perturbed fp32 model (:func:`perturbed_model`) then propagates each alone to the outputs."""
+    from . import runtime
+    from .calib.collect import augment
+    from .errors import InternalError, ModelError
+    found, _ = groups(qmodel, tensor_names(reference), float_tensors(reference))
+    outputs = {o.name for o in reference.graph.output}
+    tensors = list(dict.fromkeys(g.output for g in found if g.output not in outputs))
+    iso_model, iso = isolated_model(reference, qmodel, found)
+    pert, deltas = perturbed_model(reference, tensors)
+    fetch_iso = list(dict.fromkeys(g.output for g in found)) + [iso[_name(g.node)] for g in found]
+    try:
+        sess_i = runtime.session(augment(iso_model, fetch_iso), threads=threads)
+        sess_p = runtime.session(pert, threads=threads)
+    except ModelError as exc:
+        raise InternalError(f"internal error: a sensitivity model does not load ({exc})") from None
+    inputs = [i.name for i in reference.graph.input if i.name not in {t.name for t in reference.graph.initializer}]
+    names = runtime.output_names(sess_p)
+    signal, noise = 0.0, np.zeros(len(found))
+    for batch in batches:
+        feeds = {k: batch[k] for k in inputs}
+        values = runtime.run(sess_i, feeds, fetch_iso)
+        fp32 = dict(zip(fetch_iso, values))
+        errors = [iso_v - fp32[g.output] for g, iso_v in zip(found, values[len(fetch_iso) - len(found):])]
+        zeros = {d: np.zeros_like(fp32[t]) for d, t in zip(deltas, tensors)}
+        ref = runtime.run(sess_p, {**feeds, **zeros}, names)
+        signal += sum(float((r.astype(np.float64) ** 2).sum()) for r in ref)
+        for k, (g, err) in enumerate(zip(found, errors)):
+            if g.output in outputs:  # a model output: its own error is the outputs' error
+                noise[k] += float((err.astype(np.float64) ** 2).sum())
+                continue
+            d = deltas[tensors.index(g.output)]
+            out = runtime.run(sess_p, {**feeds, **zeros, d: err}, names)
+            noise[k] += sum(float(((o.astype(np.float64) - r) ** 2).sum()) for o, r in zip(out, ref))
+        values = fp32 = errors = zeros = None
+    return {_name(g.node): _Error.db(signal, noise[k]) for k, g in enumerate(found)}
+
+
 # --- streaming statistics -------------------------------------------------------------------
 
 class _Error:

@@ -1,7 +1,9 @@
 """Accuracy-driven quantization: fall back the fewest, most sensitive nodes until the gates hold.
 
-1. Quantize everything the planner quantizes and rank its nodes by *isolated* sensitivity
-   (:mod:`qtool.debug`: each node alone quantized, reading fp32 inputs; computed once).
+1. Quantize everything the planner quantizes and rank its nodes by sensitivity, computed once
+   (:mod:`qtool.debug`): the model outputs' SNR against fp32 when that node alone is quantized
+   (its inputs from fp32 through its own Q/DQ, kernel-exact), so that a node is ranked by what
+   its error does to the outputs, not only by its local error.
 2. Evaluate candidates against fp32 outputs computed once and cached: all int8 first; then
    the whole ranking at the fallback precision (if even that fails, the target cannot be met);
    then bisection over the ranking (falling back the top k) for the smallest k that passes,
@@ -88,7 +90,7 @@ class SearchResult:
     trail: tuple[Step, ...]
     evaluations: int
     seconds: float
-    ranking: tuple[tuple[str, float], ...]  # (node, isolated SQNR dB), most sensitive first
+    ranking: tuple[tuple[str, float], ...]  # (node, outputs' SNR dB with only it quantized), most sensitive first
     final: Step
     notes: tuple[str, ...] = field(default=())
 
@@ -105,7 +107,7 @@ class SearchResult:
         from .debug import _finite_json
         return _finite_json({"format": "qtool.search", "passed": self.passed, "evaluations": self.evaluations,
                 "seconds": self.seconds, "final": step(self.final), "notes": list(self.notes),
-                "ranking": [{"node": n, "isolated_sqnr": v} for n, v in self.ranking],
+                "ranking": [{"node": n, "output_snr": v} for n, v in self.ranking],
                 "trail": [step(s) for s in self.trail]})
 
     @property
@@ -194,7 +196,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
            sopts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> SearchResult:
     """Find the plan with the fewest fallback nodes that passes the gates (see the module doc)."""
     from . import api
-    from .debug import measure
+    from .debug import measure, output_sensitivity
     from .inspection import macs_by_node, static_view
     started = time.perf_counter()
     batch_size = api._batch_size(prepared.model, sopts.batch_size)
@@ -229,10 +231,13 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     base_plan = api._resolved_plan(prepared, options, table, method)
     qdq = _candidate(api, replace(base_plan, format="qdq"), prepared, restore=False)
     limit = sopts.sensitivity_samples
-    sens = measure(prepared.model, qdq, eval_data.batches(min(batch_size, 16), limit), macs,
-                   threads=sopts.threads)
+    sample = lambda: eval_data.batches(min(batch_size, 16), limit)  # noqa: E731
+    sens = measure(prepared.model, qdq, sample(), macs, threads=sopts.threads)
+    at_output = output_sensitivity(prepared.model, qdq, sample(), sopts.threads)
     quantized = {n.name for n in base_plan.quantized_nodes()}
-    ranking = [(e.name, e.isolated_sqnr) for e in sens.nodes if e.op_type not in NOT_RANKED and e.name in quantized]
+    isolated = {e.name: e.isolated_sqnr for e in sens.nodes}
+    ranking = sorted(((e.name, at_output.get(e.name, float("inf"))) for e in sens.nodes
+                      if e.op_type not in NOT_RANKED and e.name in quantized), key=lambda x: x[1])
     names = [n for n, _ in ranking]
     ranked = set(names)
     n = len(names)
@@ -240,7 +245,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     inside = sum(len(sub.quantized_nodes()) for sub in base_plan.subgraphs.values())
     if inside:
         log(f"note: {inside} quantized nodes inside If/Loop/Scan bodies are not ranked and stay as planned")
-    log(f"ranked {n} nodes by isolated SQNR (worst: "
+    log(f"ranked {n} nodes by the outputs' SNR with only that node quantized (worst: "
         + ", ".join(f"{a} {b:.1f} dB" for a, b in ranking[:3]) + f"); at most {cap} evaluations")
 
     first = evaluate([], "all int8")
@@ -281,9 +286,9 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         final_nodes = list(_best(trail).fallback)
         final = cache[frozenset(final_nodes)][1]
     untried = f"kept with the top {len(chosen)} that pass {_gate_flags(gates)} (the evaluation budget ended before it was tried alone)"
-    reasons = {node: (f"{sopts.fallback}: isolated SQNR {dict(ranking)[node]:.1f} dB, rank "
-                      f"{names.index(node) + 1} of {n}, " + (f"needed for {needed_for[node]}" if node in needed_for
-                                                              else untried))
+    reasons = {node: (f"{sopts.fallback}: alone it leaves the outputs at {dict(ranking)[node]:.1f} dB SNR "
+                      f"(isolated SQNR {isolated[node]:.1f} dB at its output), rank {names.index(node) + 1} of {n}, "
+                      + (f"needed for {needed_for[node]}" if node in needed_for else untried))
                for node in final_nodes}
     if sopts.speed and passed:
         final_nodes, final, extra = _speed_phase(prepared, ref, final_nodes, final, build, evaluate, cache, sopts,

@@ -103,6 +103,16 @@ def test_debug_isolated_error_matches_a_model_with_only_that_node_quantized(outl
     hand = 10 * np.log10((ref ** 2).sum() / ((o - ref) ** 2).sum())
     # float arithmetic here, onnxruntime's integer kernel there: the same within rounding
     assert abs(r.node("/conv_b").isolated_sqnr - hand) < 0.1
+    # carried to the model output alone: the rest of the fp32 network from rb on
+    from qtool.debug import output_sensitivity
+    tail = onnx.utils.Extractor(p.model).extract_model(["rb"], ["y"])
+    rest = ort.InferenceSession(tail.SerializeToString(), providers=["CPUExecutionProvider"])
+    y_ref, y_q = rest.run(None, {"rb": rb_val})[0].astype(np.float64), rest.run(None, {"rb": o})[0]
+    hand_out = 10 * np.log10((y_ref ** 2).sum() / ((y_q - y_ref) ** 2).sum())
+    at_output = output_sensitivity(p.model, qm, Dataset(d / "eval.npz").batches(32))
+    assert abs(at_output["/conv_b"] - hand_out) < 0.1
+    # a node that writes the model output: its isolated error is the outputs' error
+    assert abs(at_output["/head/Gemm"] - r.node("/head/Gemm").isolated_sqnr) < 1e-6
 
 
 def test_search_falls_back_the_planted_node_and_no_other(outlier, tmp_path):
@@ -118,6 +128,7 @@ def test_search_falls_back_the_planted_node_and_no_other(outlier, tmp_path):
     nodes = {n["name"]: n for n in json.loads(plan.read_text())["nodes"]}
     assert nodes["/conv_b"]["precision"] == "float"
     assert "isolated SQNR" in nodes["/conv_b"]["reason"] and "--min-snr 25" in nodes["/conv_b"]["reason"]
+    assert t["ranking"][0]["output_snr"] < 20 < t["ranking"][1]["output_snr"]
     assert all(nodes[n]["precision"] != "float" for n in ("/conv_a", "/conv_c", "/head/Gemm"))
     m = onnx.load(out)
     onnx.checker.check_model(m, full_check=True)
