@@ -247,3 +247,26 @@ def test_debug_and_search_on_a_fixed_batch_of_one_and_a_node_reading_one_tensor_
 def test_budget_is_logarithmic():
     from qtool.search import budget
     assert budget(64) == 22 and budget(300) == int(2 * np.log2(300)) + 10 and budget(1) == 12
+
+
+def test_debug_plot(outlier, tmp_path, monkeypatch):
+    d, path = outlier
+    q = tmp_path / "q.onnx"
+    assert run("quantize", path, "--data", d / "calib.npz", "-o", q).exit_code == 0
+    import builtins
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "__import__", no_matplotlib)
+        r = run("debug", path, q, "--data", d / "eval.npz", "--plot", tmp_path / "x.png")
+    assert r.exit_code == 2 and "pip install 'qtool[plot]'" in r.output and not (tmp_path / "x.png").exists()
+    pytest.importorskip("matplotlib")
+    for ext in ("png", "svg"):
+        r = run("debug", path, q, "--data", d / "eval.npz", "--plot", tmp_path / f"rank.{ext}")
+        assert r.exit_code == 0, r.output
+        head = (tmp_path / f"rank.{ext}").read_bytes()[:100]
+        assert head.startswith(b"\x89PNG") if ext == "png" else b"<svg" in (tmp_path / "rank.svg").read_bytes()[:2000]
