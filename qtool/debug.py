@@ -65,6 +65,7 @@ class NodeError:
     isolated_sqnr: float
     isolated_rel: float
     ranges: tuple[RangeUse, ...] = ()
+    output_snr: float | None = None  # the model outputs' SNR with only this node quantized (--impact)
 
     @property
     def worst_range(self) -> RangeUse | None:
@@ -560,13 +561,15 @@ def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterab
 
 def format_report(r: DebugReport, top: int | None = None) -> str:
     """The ranking ``qtool debug`` prints: worst isolated SQNR first."""
-    rows = [("#", "node", "op", "MACs", "isolated dB", "accum. dB", "rel.err iso", "grid use", "clipped",
-             "max/p99.9", "ch.max/med", "tensor")]
+    impact = any(n.output_snr is not None for n in r.nodes)
+    rows = [("#", "node", "op", "MACs", "isolated dB", "accum. dB") + (("alone->outputs dB",) if impact else ())
+            + ("rel.err iso", "grid use", "clipped", "max/p99.9", "ch.max/med", "tensor")]
     shown = r.nodes if top is None else r.nodes[:top]
     for i, n in enumerate(shown, 1):
         w = n.worst_range
+        alone = ((_db(n.output_snr) if n.output_snr is not None else "-",) if impact else ())
         rows.append((str(i), n.name, n.op_type, f"{n.mac_share * 100:.1f}%", _db(n.isolated_sqnr),
-                     _db(n.accumulated_sqnr), f"{n.isolated_rel:.4f}",
+                     _db(n.accumulated_sqnr), *alone, f"{n.isolated_rel:.4f}",
                      f"{w.grid_use * 100:.0f}%" if w else "-", f"{w.clipped * 100:.3f}%" if w else "-",
                      f"{w.outlier_ratio:.1f}" if w else "-", f"{w.channel_ratio:.1f}" if w else "-",
                      w.tensor if w else ""))
@@ -609,7 +612,7 @@ def plot(r: DebugReport, path: str, top: int = 40) -> None:
     ax.set_yticks(y, [f"{n.name} ({n.mac_share * 100:.0f}% MACs)" for n in nodes], fontsize=7)
     ax.set_xlabel("SQNR vs fp32 (dB, higher is better)")
     ax.set_title(f"per-node quantization error, worst {len(nodes)} (isolated) at the top")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     fig.tight_layout()
     fmt = "svg" if str(path).lower().endswith(".svg") else "png"
     buf = io.BytesIO()
@@ -619,7 +622,7 @@ def plot(r: DebugReport, path: str, top: int = 40) -> None:
 
 
 def run(reference, candidate, data, table=None, preprocess: bool = True, batch_size: int | None = None,
-        limit: int | None = None, threads: int | None = None) -> DebugReport:
+        limit: int | None = None, threads: int | None = None, impact: bool = False) -> DebugReport:
     """``qtool debug``: prepare the fp32 model as ``quantize`` did, then :func:`measure`."""
     from . import model as model_io
     from .api import _batch_size, open_data
@@ -644,4 +647,9 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
                          + "; give the fp32 model it was quantized from (and --no-preprocess if it was)")
     macs = macs_by_node(static_view(p.model, {})[0])
     batch_size = _batch_size(p.model, batch_size or 8)
-    return measure(p.model, q, ds.batches(batch_size, limit), macs, table, threads, str(reference), str(candidate))
+    report = measure(p.model, q, ds.batches(batch_size, limit), macs, table, threads, str(reference), str(candidate))
+    if not impact:
+        return report
+    from dataclasses import replace
+    snr = output_sensitivity(p.model, q, ds.batches(batch_size, limit), threads)
+    return replace(report, nodes=tuple(replace(n, output_snr=snr.get(n.name)) for n in report.nodes))

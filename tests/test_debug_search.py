@@ -46,6 +46,10 @@ def test_debug_ranks_the_planted_node_first(outlier, tmp_path):
     assert abs(sum(n["mac_share"] for n in nodes if n["op_type"] in ("Conv", "Gemm")) - 1.0) < 1e-6
     assert report["samples"] == 96
     assert "/conv_b" in r.stdout.splitlines()[1]
+    r = run("debug", path, q, "--data", d / "eval.npz", "--impact", "--json", tmp_path / "i.json")
+    assert r.exit_code == 0 and "alone->outputs dB" in r.stdout
+    impact = {n["name"]: n["output_snr"] for n in json.loads((tmp_path / "i.json").read_text())["nodes"]}
+    assert min(impact, key=impact.get) == "/conv_b"
 
 
 def test_debug_isolated_error_matches_a_model_with_only_that_node_quantized(outlier, tmp_path):
