@@ -645,8 +645,10 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
         raise ModelError(f"{candidate}: no quantized node of it matches a tensor of {reference}"
                          + (f" ({skipped[0]})" if skipped else "")
                          + "; give the fp32 model it was quantized from (and --no-preprocess if it was)")
-    macs = macs_by_node(static_view(p.model, {})[0])
     batch_size = _batch_size(p.model, batch_size or 8)
+    first = next(iter(ds.batches(1, 1)), {})
+    shapes = {i.name: tuple(first[i.name].shape) for i in p.model.graph.input if i.name in first}
+    macs = macs_by_node(static_view(p.model, shapes)[0], unknown_as_one=True)
     report = measure(p.model, q, ds.batches(batch_size, limit), macs, table, threads, str(reference), str(candidate))
     if not impact:
         return report

@@ -99,12 +99,14 @@ def static_view(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> t
     return GraphView(resolve_static_shapes(fixed)), used
 
 
-def macs_by_node(view: GraphView) -> dict[str, int]:
-    """MACs of every Conv/ConvTranspose/MatMul/Gemm node whose shapes are known."""
+def macs_by_node(view: GraphView, unknown_as_one: bool = False) -> dict[str, int]:
+    """MACs of every Conv/ConvTranspose/MatMul/Gemm node whose shapes are known.
+    ``unknown_as_one``: count a dimension shape inference left symbolic as 1 (a batch that a
+    Reshape made unknown), for MAC shares between nodes rather than absolute counts."""
     out = {}
     for node in view.nodes:
         if node.op_type in MAC_OPS:
-            value = _node_macs(node, view)
+            value = _node_macs(node, view, unknown_as_one)
             if value is not None:
                 out[view.node_name(node)] = value
     return out
@@ -121,10 +123,12 @@ def _known(shape) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
 
-def _node_macs(node, view: GraphView) -> int | None:
-    out = view.shape(node.output[0])
-    w = view.shape(node.input[1]) if len(node.input) > 1 else None
-    a = view.shape(node.input[0])
+def _node_macs(node, view: GraphView, unknown_as_one: bool = False) -> int | None:
+    shape = view.shape if not unknown_as_one else (
+        lambda t: None if view.shape(t) is None else tuple(d if isinstance(d, int) else 1 for d in view.shape(t)))
+    out = shape(node.output[0])
+    w = shape(node.input[1]) if len(node.input) > 1 else None
+    a = shape(node.input[0])
     if not (_known(out) and _known(w) and _known(a)):
         return None
     if node.op_type == "Conv":

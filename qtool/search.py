@@ -201,7 +201,9 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     started = time.perf_counter()
     batch_size = api._batch_size(prepared.model, sopts.batch_size)
     ref = Reference(model_path, eval_data, labels, task, sopts, batch_size)
-    macs = macs_by_node(static_view(prepared.model, {})[0])
+    # MACs at the shapes of the data (batch 1): dynamic sequence lengths would otherwise stay unknown
+    macs = macs_by_node(static_view(prepared.model, {k: tuple(v.shape) for k, v in ref.feed1.items()})[0],
+                        unknown_as_one=True)
     total_macs = sum(macs.values()) or 1
     gates = sopts.accuracy_gates
     trail: list[Step] = []
