@@ -348,25 +348,27 @@ def _search(model, output, table, data, method, qopts, copts, eval_data, labels,
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most N samples.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--preprocess/--no-preprocess", default=True, help="As the quantize that made CANDIDATE (default on).")
+@click.option("--plan", "plan_path", type=click.Path(), help="The plan quantize saved (--save-plan): its "
+              "pre-processing, and only the nodes it quantizes.")
 @click.option("--impact", is_flag=True, help="Also the model outputs' SNR with only each node quantized (what the "
               "search ranks by; one more run per node per batch).")
 @handle_errors
 def debug(reference, candidate, data, table, json_path, plot_path, top, batch_size, limit, threads, preprocess,
-          impact):
+          plan_path, impact):
     """Per-node error of a QDQ model against its fp32 model, worst first: accumulated and isolated SQNR,
     range use and MAC share."""
     from .debug import format_report, plot, run
     from .model import atomic_write_text, check_output_path
     for path in (json_path, plot_path):
         if path:
-            check_output_path(path, reference, candidate, data, table)
+            check_output_path(path, reference, candidate, data, table, plan_path)
     if plot_path and not plot_path.lower().endswith((".png", ".svg")):
         from .errors import QtoolError
         raise QtoolError(f"--plot {plot_path}: give a .png or .svg path")
     if plot_path:
         from .debug import require_matplotlib
         require_matplotlib()
-    report = run(reference, candidate, data, table, preprocess, batch_size, limit, threads, impact)
+    report = run(reference, candidate, data, table, preprocess, batch_size, limit, threads, impact, plan_path)
     click.echo(format_report(report, top))
     if json_path:
         atomic_write_text(json_path, report.to_json())

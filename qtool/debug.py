@@ -622,15 +622,26 @@ def plot(r: DebugReport, path: str, top: int = 40) -> None:
 
 
 def run(reference, candidate, data, table=None, preprocess: bool = True, batch_size: int | None = None,
-        limit: int | None = None, threads: int | None = None, impact: bool = False) -> DebugReport:
-    """``qtool debug``: prepare the fp32 model as ``quantize`` did, then :func:`measure`."""
+        limit: int | None = None, threads: int | None = None, impact: bool = False, plan=None) -> DebugReport:
+    """``qtool debug``: prepare the fp32 model as ``quantize`` did, then :func:`measure`.
+
+    ``plan`` (the one ``quantize --save-plan`` wrote): its pre-processing is used, it must belong
+    to ``reference``, and only the nodes it quantizes are reported (a float node that onnxruntime
+    would fuse anyway is listed as not measured)."""
     from . import model as model_io
     from .api import _batch_size, open_data
     from .calib.table import CalibrationTable
     from .errors import ModelError
     from .inspection import macs_by_node, static_view
     from .prepare import prepare
+    if plan is not None:
+        from .plan_check import load_plan
+        from .errors import PlanError
+        plan = load_plan(plan) if not hasattr(plan, "nodes") else plan
+        preprocess = plan.preprocess
     p = prepare(reference, preprocess)
+    if plan is not None and plan.model_sha256 != p.sha256:
+        raise PlanError(f"the plan was made for another model than {reference} (model_sha256 differs)")
     q = model_io.load(candidate)
     ds = open_data(data, p.model)
     if table is not None and not isinstance(table, CalibrationTable):
@@ -650,8 +661,13 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
     shapes = {i.name: tuple(first[i.name].shape) for i in p.model.graph.input if i.name in first}
     macs = macs_by_node(static_view(p.model, shapes)[0], unknown_as_one=True)
     report = measure(p.model, q, ds.batches(batch_size, limit), macs, table, threads, str(reference), str(candidate))
+    from dataclasses import replace
+    if plan is not None:
+        quantized = {n.name for n in plan.quantized_nodes()}
+        report = replace(report, nodes=tuple(n for n in report.nodes if n.name in quantized),
+                         unmatched=report.unmatched + tuple(f"{n.name}: float in the plan" for n in report.nodes
+                                                            if n.name not in quantized))
     if not impact:
         return report
-    from dataclasses import replace
     snr = output_sensitivity(p.model, q, ds.batches(batch_size, limit), threads)
     return replace(report, nodes=tuple(replace(n, output_snr=snr.get(n.name)) for n in report.nodes))

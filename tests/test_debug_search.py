@@ -145,6 +145,22 @@ def test_search_falls_back_the_planted_node_and_no_other(outlier, tmp_path):
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_debug_with_the_plan_reports_only_its_quantized_nodes(outlier, tmp_path):
+    d, path = outlier
+    q, plan = tmp_path / "q.onnx", tmp_path / "plan.json"
+    assert run("quantize", path, "--data", d / "calib.npz", "-o", q, "--save-plan", plan).exit_code == 0
+    r = run("debug", path, q, "--data", d / "eval.npz", "--plan", plan, "--json", tmp_path / "d.json")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "d.json").read_text())
+    planned = {n["name"] for n in json.loads(plan.read_text())["nodes"] if n["precision"] != "float"}
+    assert {n["name"] for n in report["nodes"]} <= planned
+    assert any("/scale/Mul: float in the plan" in u for u in report["unmatched"])
+    other = tmp_path / "other.onnx"
+    models.save(models.small_cnn(), other)
+    r = run("debug", other, q, "--data", d / "eval.npz", "--plan", plan)
+    assert r.exit_code == 2 and "another model" in r.output
+
+
 def test_search_that_cannot_meet_the_target_exits_1_and_writes_nothing(outlier, tmp_path):
     d, path = outlier
     out = tmp_path / "s.onnx"
