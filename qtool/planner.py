@@ -154,14 +154,15 @@ def _weight_precision(weight_type: str, saturates: bool, act: Precision, op_type
 
 def calibration_tensors(facts: Facts) -> list[str]:
     """The activations a table for this model must hold: the float inputs and
-    outputs of every node a rule exists for (outside float patterns), so that any
-    later ``--precision``/``--exclude`` works from the same table."""
+    outputs of every node a rule exists for (float patterns included, which a
+    ``--precision NAME=uint8`` may quantize), so that any later
+    ``--precision``/``--exclude`` works from the same table."""
     if facts.options.mode == "dynamic":
         return []
     view = facts.view
     wanted = {}
     for node in view.nodes:
-        if node.op_type not in RULES or view.node_name(node) in facts.patterns:
+        if node.op_type not in RULES:
             continue
         for t in list(node.input) + list(node.output):
             if t and not view.is_initializer(t) and view.is_float(t):
@@ -212,8 +213,10 @@ class _Assembly:
             return Skip(facts.kept_float[name])
         if node.domain not in ("", "ai.onnx"):
             return Skip(f"op from domain {node.domain!r} is not quantized")
-        if name in ctx.patterns:
-            return Skip(f"part of a {ctx.patterns[name]} pattern: stays float (quantizing its small ops loses accuracy)")
+        wanted = facts.overrides.get(name)
+        if name in ctx.patterns and not (wanted is not None and wanted.is_integer):
+            return Skip(f"part of a {ctx.patterns[name]} pattern: stays float (quantizing its small ops loses "
+                        "accuracy; --precision NAME=uint8 quantizes it)")
         dynamic = ctx.options.mode == "dynamic"
         rule = (dynamic_rules.RULES if dynamic else RULES).get(node.op_type)
         if rule is None:

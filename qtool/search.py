@@ -74,6 +74,8 @@ class Step:
     int8_mac_share: float
     speed: Speedup | None = None
     float_ranked: int = 0           # ranked nodes actually float (the planner keeps some neighbours float)
+    extra: tuple[str, ...] = ()     # further --precision overrides of this candidate (int8 float patterns)
+    plan: Plan | None = field(default=None, repr=False, compare=False)
 
     def line(self) -> str:
         gates = "  ".join(f"{g.name} {g.value:.4g}{'' if g.passed else '!'}" for g in self.gates)
@@ -207,26 +209,29 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     total_macs = sum(macs.values()) or 1
     gates = sopts.accuracy_gates
     trail: list[Step] = []
-    cache: dict[frozenset, tuple[Plan, Step]] = {}
+    cache: dict[frozenset, Step] = {}  # by the nodes actually float, and by what was asked
 
-    def build(nodes) -> tuple[Plan, onnx.ModelProto]:
-        plan = api._resolved_plan(prepared, fallback_options(options, nodes, sopts.fallback), table, method)
+    def build(nodes, extra=()) -> tuple[Plan, onnx.ModelProto]:
+        opts = replace(options, precision=tuple(options.precision) + tuple(extra))
+        plan = api._resolved_plan(prepared, fallback_options(opts, nodes, sopts.fallback), table, method)
         return plan, _candidate(api, plan, prepared)
 
-    def evaluate(nodes, what) -> Step:
-        plan, m = build(nodes)
+    def evaluate(nodes, what, extra=()) -> Step:
+        asked = (frozenset(nodes), tuple(extra))
+        if asked in cache:
+            return cache[asked]
+        plan, m = build(nodes, extra)
         actual = frozenset(n.name for n in plan.nodes if not n.quantized)  # the planner may keep neighbours float
         if actual in cache:
-            cached_plan, step = cache[actual]
-            cache[frozenset(nodes)] = (cached_plan, step)
-            return step
+            cache[asked] = cache[actual]
+            return cache[actual]
         report = ref.judge(m, gates)
         share = sum(macs.get(n.name, 0) for n in plan.quantized_nodes()) / total_macs
         speed = ref.speed(ref.last_session, sopts.timing_pairs) if sopts.speed else None
         step = Step(len(trail) + 1, what, tuple(nodes), report.gates, report.passed, share, speed,
-                    len(actual & ranked))
+                    len(actual & ranked), tuple(extra), plan)
         trail.append(step)
-        cache[actual] = cache[frozenset(nodes)] = (plan, step)
+        cache[actual] = cache[asked] = step
         log(step.line())
         return step
 
@@ -275,25 +280,25 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
                 trial = [c for c in chosen if c != node]
                 before = len(trail)
                 step = evaluate(trial, f"{node} back to int8")
-                if len(trail) == before and step is cache[frozenset(chosen)][1]:
+                if len(trail) == before and step is evaluate(chosen, ""):
                     continue  # the planner keeps it float with its neighbours: nothing to try
                 if step.passed:
                     chosen = trial
                 else:
                     needed_for[node] = _failed(step)
     final_nodes = list(chosen)
-    final = cache[frozenset(final_nodes)][1]
+    final = evaluate(final_nodes, "")
     notes: list[str] = []
     if not passed:
-        final_nodes = list(_best(trail).fallback)
-        final = cache[frozenset(final_nodes)][1]
+        final = _best(trail)
+        final_nodes = list(final.fallback)
     untried = f"kept with the top {len(chosen)} that pass {_gate_flags(gates)} (the evaluation budget ended before it was tried alone)"
     reasons = {node: (f"{sopts.fallback}: alone it leaves the outputs at {dict(ranking)[node]:.1f} dB SNR "
                       f"(isolated SQNR {isolated[node]:.1f} dB at its output), rank {names.index(node) + 1} of {n}, "
                       + (f"needed for {needed_for[node]}" if node in needed_for else untried))
                for node in final_nodes}
     if sopts.speed and passed:
-        final_nodes, final, extra = _speed_phase(prepared, ref, final_nodes, final, build, evaluate, cache, sopts,
+        final_nodes, final, extra = _speed_phase(prepared, ref, final_nodes, final, build, evaluate, sopts,
                                                  log, len(trail) < cap + 4)
         reasons.update(extra)
         if final.speed is not None and sopts.min_speedup is not None and final.speed.median < sopts.min_speedup:
@@ -303,8 +308,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         elif final.speed is not None and final.speed.median < 1.0:
             notes.append(f"the quantized model is slower than fp32 here: {final.speed.median:.2f}x (p10-p90 "
                          f"{final.speed.p10:.2f}-{final.speed.p90:.2f}) at batch 1")
-    plan = cache[frozenset(final_nodes)][0]
-    plan = _with_reasons(plan, reasons)
+    plan = _with_reasons(final.plan, reasons)
     return SearchResult(plan, passed, tuple(trail), len(trail), time.perf_counter() - started,
                         tuple(ranking), final, tuple(notes))
 
@@ -317,31 +321,50 @@ def _candidate(api, plan: Plan, prepared, restore: bool = True) -> onnx.ModelPro
     return model
 
 
-def _speed_phase(prepared, ref, nodes, final, build, evaluate, cache, sopts, log, allowed, rounds: int = 3):
-    """Keep float the int8 groups onnxruntime's profile measures slower than their float version.
+def _speed_phase(prepared, ref, nodes, final, build, evaluate, sopts, log, allowed, rounds: int = 3):
+    """Make the result faster by measurement, never by guess.
 
-    Each round profiles the current candidate (a group turns slow or fast with its neighbours:
-    a float Conv makes onnxruntime move its output's Q above the pool after it, which then runs
-    on uint8 in the NCHW kernel), moves the groups measured slower to fp32 and evaluates that.
-    A round that is not faster is still followed (its new neighbours may be what is slow), and
-    the fastest candidate that passes the gates is kept.
+    First, where the plan keeps float patterns float (SiLU, GELU, HardSwish: a rule's guess
+    that their small ops lose accuracy), one candidate quantizes them (QLinearSigmoid,
+    QLinearMul, ...: fewer Q/DQ boundaries around every activation). Then each round profiles
+    the current candidate (a group turns slow or fast with its neighbours: a float Conv makes
+    onnxruntime move its output's Q above the pool after it, which then runs on uint8 in the
+    NCHW kernel), moves the groups measured slower than their float version to fp32 and
+    evaluates that; a round that is not faster is still followed (its new neighbours may be what
+    is slow). The fastest candidate that passes the gates is kept.
     """
     from .profile import node_costs, slower_groups
     want = sopts.min_speedup if sopts.min_speedup is not None else 1.0
     provider = runtime.pick_provider(sopts.provider).used
-    best, best_step, cur = list(nodes), final, list(nodes)
+    best, cur, extra = final, list(nodes), final.extra
     why: dict[str, str] = {}
+    if not allowed or final.speed is None or final.speed.median >= want:
+        return nodes, final, {}
+    patterns = [n for n in final.plan.nodes if not n.quantized and n.reason.startswith("part of a ")]
+    if patterns:
+        act = ref_activation(final.plan)
+        trial_extra = extra + tuple(f"{n.name}={act}" for n in patterns)
+        step = evaluate(cur, f"{len(patterns)} float-pattern nodes int8", trial_extra)
+        if step.passed and step.speed is not None and step.speed.median > best.speed.median:
+            for n in patterns:
+                why[n.name] = (f"{act}: quantized although a {n.reason.split('part of a ')[1].split(' pattern')[0]} "
+                               f"pattern (fewer Q/DQ boundaries): measured {best.speed.median:.2f}x -> "
+                               f"{step.speed.median:.2f}x fp32's speed with the gates holding")
+            best, extra = step, trial_extra
+        else:
+            log(f"kept the float patterns float: {'a gate fails' if not step.passed else 'not faster'} with them int8")
     for _ in range(rounds):
-        if best_step.speed is None or best_step.speed.median >= want or not allowed:
+        if best.speed.median >= want:
             break
-        plan, model = build(cur)
+        plan, model = build(cur, extra)
         costs = node_costs(prepared.model, model, plan, ref.feed1, provider, sopts.threads or 2)
         moved = {}
         for c in slower_groups(costs, include_float=True):
             if c.quantized and c.node not in cur:
                 moved[c.node] = (f"fp32: its int8 group measured {c.int8_ms:.3f} ms vs {c.float_ms:.3f} ms float "
                                  f"at batch 1 ({c.detail})")
-            elif not c.quantized:  # a float node run slower: a quantized reader's Q was moved above it
+            elif not c.quantized and any(f"{c.op_type}[{t}]" in c.detail for t in ("uint8", "int8")):
+                # a float node run on integers: onnxruntime moved a quantized reader's Q above it
                 for reader in _quantized_readers(prepared.model, plan, c.node):
                     if reader not in cur:
                         moved.setdefault(reader, f"fp32: onnxruntime moved its input's QuantizeLinear above the float "
@@ -353,21 +376,29 @@ def _speed_phase(prepared, ref, nodes, final, build, evaluate, cache, sopts, log
         log("profile: slower than in fp32: " + "; ".join(f"{n}: {r.split(' at batch 1')[0].removeprefix('fp32: ')}"
                                                         for n, r in moved.items()))
         why.update(moved)
-        slow = list(moved)
-        cur = cur + slow
-        step = evaluate(cur, f"{len(slow)} slower int8 groups fp32")
+        cur = cur + list(moved)
+        step = evaluate(cur, f"{len(moved)} slower int8 groups fp32", extra)
         if not step.passed:
             log("a gate fails without them: stop")
             break
-        if step.speed is not None and step.speed.median > best_step.speed.median:
-            best, best_step = list(cur), step
-    if best_step is final:
+        if step.speed is not None and step.speed.median > best.speed.median:
+            best = step
+    if best is final:
         if why:
             log("kept the plan before the speed rounds: none was faster")
         return nodes, final, {}
-    reasons = {n: f"{why[n]}; with it float the model runs at {best_step.speed.median:.2f}x fp32's speed "
-                  f"(was {final.speed.median:.2f}x)" for n in best if n in why}
-    return best, best_step, reasons
+    chosen = set(best.fallback) | {e.split("=")[0] for e in best.extra}
+    reasons = {n: f"{why[n]}; the model runs at {best.speed.median:.2f}x fp32's speed (was {final.speed.median:.2f}x)"
+               if not why[n].startswith(("uint8", "int8")) else why[n] for n in chosen if n in why}
+    return list(best.fallback), best, reasons
+
+
+def ref_activation(plan: Plan) -> str:
+    """The activation precision the plan uses (uint8 or int8)."""
+    for t in plan.tensors.values():
+        if t.quantized and t.precision.label in ("uint8", "int8") and t.role.value == "activation":
+            return t.precision.label
+    return "uint8"
 
 
 def _quantized_readers(model: onnx.ModelProto, plan: Plan, node: str) -> list[str]:
