@@ -31,7 +31,7 @@ import onnx
 
 from . import runtime
 from .config import QuantizeOptions
-from .errors import DataError
+from .errors import DataError, InternalError, ModelError
 from .evaluation import Gate, OutputStats, Report, Speedup, Thresholds, class_scores, is_classifier_output, judge
 from .plans import Plan
 from .rules.movement import MOVEMENT_OPS
@@ -154,7 +154,11 @@ class Reference:
 
     def judge(self, model: onnx.ModelProto, gates: Thresholds) -> Report:
         """Evaluate a candidate model (in memory) against the cached outputs."""
-        sess = runtime.session(model, runtime.pick_provider(self.options.provider).used, self.options.threads)
+        try:
+            sess = runtime.session(model, runtime.pick_provider(self.options.provider).used, self.options.threads)
+        except ModelError as exc:  # a candidate qtool wrote that onnxruntime cannot load: qtool's bug
+            raise InternalError(f"internal error: a search candidate does not load ({exc}); please report it "
+                                "with the model") from None
         stats = {n: OutputStats(n) for n in self.names}
         rows, outs = [], []
         for batch, ref in zip(self._batches(), self.outputs):
