@@ -190,8 +190,9 @@ def _merge(paths, model, output):
                    "saturate, uint8 for Conv and 7-bit int8 for MatMul/Gemm. int8 there means a 7-bit grid (faster, "
                    "less accurate), uint8 exact u8 x u8 kernels (slower).")
 @click.option("--precision", "precision", multiple=True, metavar="NAME_OR_OPTYPE=P",
-              help="Per-node precision: fp32 (kept float, reading float inputs), int8, uint8, int16 or uint16 "
-                   "(16-bit activations, QDQ only). A node name beats an op type.")
+              help="Per-node precision: fp32 (kept float, reading float inputs), fp16 (kept float, run in half "
+                   "precision between Casts), int8, uint8, int16 or uint16 (16-bit activations, QDQ only). A node "
+                   "name beats an op type.")
 @click.option("--exclude", multiple=True, metavar="NAME_OR_OPTYPE", help="Keep these nodes or op types float "
               "(same as --precision NAME=fp32).")
 @click.option("--plan", "plan_path", type=click.Path(),
@@ -206,8 +207,9 @@ def _merge(paths, model, output):
                    "until the gates hold (exit 1, nothing written, if they cannot).")
 @click.option("--labels", type=click.Path(), help="Search: integer labels (.npy) for --max-drop.")
 @gate_options
-@click.option("--fallback", type=click.Choice(["fp32", "int16"]), default=None,
-              help="Search: the precision sensitive nodes fall back to (default fp32).")
+@click.option("--fallback", type=click.Choice(["fp32", "fp16", "int16"]), default=None,
+              help="Search: the precision sensitive nodes fall back to (default fp32; fp16 casts around the node, "
+                   "the fast float path on GPUs, through Casts on the CPU EP; int16: 16-bit QDQ activations).")
 @click.option("--best-effort", is_flag=True, help="Search: write the best model found even if a gate fails.")
 @click.option("--speed/--no-speed", default=None,
               help="Search: time candidates against fp32 and keep float the int8 groups onnxruntime's profile "
@@ -422,12 +424,12 @@ def eval_cmd(reference, candidate, data, from_path, labels, provider, batch_size
     if from_path:
         from .evaluation import load_report
         if json_path:
-            check_output_path(json_path, from_path)
+            check_output_path(json_path, from_path, preset, opts.task)
         report = judge(load_report(from_path), Thresholds.from_options(opts))
     else:
         from . import api
         if json_path:
-            check_output_path(json_path, reference, candidate, data)
+            check_output_path(json_path, reference, candidate, data, labels, opts.task, preset)
         if opts.provider == "cuda":
             from . import runtime
             note = runtime.pick_provider("cuda").note

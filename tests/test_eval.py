@@ -328,3 +328,33 @@ def test_task_needs_score_or_compare(tmp_path):
     p.write_text("def reduce(o, b):\n    return o\ndef score(r):\n    raise RuntimeError('boom')\n")
     with pytest.raises(QtoolError, match=r"score\(\) failed \(RuntimeError: boom\)"):
         load_task(p).evaluate([np.zeros(2)], [np.zeros(2)])
+
+
+# -- reviewer regressions -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("victim", ["labels", "task", "config"])
+def test_json_never_overwrites_labels_task_or_preset(cnn_files, tmp_path, victim):
+    files = {"labels": tmp_path / "l.npy", "task": tmp_path / "task.py", "config": tmp_path / "p.toml"}
+    np.save(files["labels"], np.arange(40) % 10)
+    files["task"].write_text(COMPARE_TASK)
+    files["config"].write_text("[eval]\nrepeats = 1\n")
+    before = files[victim].read_bytes()
+    r = cli("eval", cnn_files["model"], cnn_files["model"], "--data", cnn_files["eval"], "--repeats", 1,
+            "--labels", files["labels"], "--task", files["task"], "--config", files["config"],
+            "--json", files[victim])
+    assert r.exit_code == 2 and "output path is the input file" in r.output, r.output
+    assert files[victim].read_bytes() == before
+
+
+def test_json_from_never_overwrites_preset(saved_report, tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text("[eval]\nmin_snr = 0.0\n")
+    r = cli("eval", "--from", saved_report, "--config", preset, "--json", preset)
+    assert r.exit_code == 2 and "output path is the input file" in r.output, r.output
+    assert preset.read_text() == "[eval]\nmin_snr = 0.0\n"
+    task = tmp_path / "task.py"
+    task.write_text(COMPARE_TASK)
+    preset.write_text(f"[eval]\ntask = \"{task}\"\n")
+    r = cli("eval", "--from", saved_report, "--config", preset, "--json", task)
+    assert r.exit_code == 2 and "output path is the input file" in r.output, r.output
+    assert task.read_text() == COMPARE_TASK
