@@ -269,7 +269,8 @@ def _apply(the_plan: Plan, model):
         for b, sub in planned:
             put_back(m, b, rewriter.apply(lifted[b.key], sub), used)
         model = m
-    return rewriter.apply(model, the_plan)
+    from .rewrite import half_nodes
+    return half_nodes.apply(rewriter.apply(model, the_plan), the_plan)
 
 
 def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: CalibrateOptions, method,

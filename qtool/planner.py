@@ -60,8 +60,9 @@ def analyse(model: onnx.ModelProto, options: QuantizeOptions, ranges=None,
                      "dynamic mode's small-MatMul skip) are off")
     from .subgraphs import node_keys
     overrides = match_overrides(view, options, elsewhere | node_keys(model))
-    kept = {name: "kept float on request (--precision NAME=fp32 or --exclude)" for name, p in overrides.items()
-            if p is Precision.FP32}
+    kept = {name: "kept float on request (--precision NAME=fp32 or --exclude)" if p is Precision.FP32 else
+            "fp16 on request (--precision NAME=fp16): float inputs cast to fp16, weights stored in fp16, "
+            "outputs cast back" for name, p in overrides.items() if p in (Precision.FP32, Precision.FP16)}
     return Facts(view, options, float_patterns(view), ranges, macs, overrides, kept), tuple(notes)
 
 
@@ -103,6 +104,11 @@ def match_overrides(view: GraphView, options: QuantizeOptions,
             raise ConfigError(f"--precision/--exclude {key!r} matches no node name or op type in the model{hint}")
     out = {name: by_type[op] for name, op in names.items() if op in by_type}
     out.update(by_name)
+    from .rewrite.half_nodes import HALF_OPS
+    for name, precision in out.items():
+        if precision is Precision.FP16 and names[name] not in HALF_OPS:
+            raise ConfigError(f"--precision {name}=fp16: {names[name]} is not among the ops qtool runs in fp16 "
+                              f"({', '.join(HALF_OPS[:6])}, ...); use fp32")
     return out
 
 
@@ -186,7 +192,7 @@ class _Assembly:
     def run(self) -> None:
         view = self.facts.view
         self.ctx = Context(self.facts, self.quantized, self.optional, self.fused)
-        self.raw = {name for name, p in self.facts.overrides.items() if p is Precision.FP32}
+        self.raw = {name for name, p in self.facts.overrides.items() if p in (Precision.FP32, Precision.FP16)}
         for node in view.nodes:
             decision = self._decide(node)
             if isinstance(decision, Skip):
@@ -339,7 +345,7 @@ class _Assembly:
         missed = []
         for n in nodes:
             wanted = self.facts.overrides.get(n.name)
-            if wanted is None or wanted is Precision.FP32 or n.precision is wanted:
+            if wanted is None or wanted in (Precision.FP32, Precision.FP16) or n.precision is wanted:
                 continue
             why = (f"fused into {n.fused_into}, whose type it takes" if n.fused_into else
                    "it runs on its input's data and shares its parameters" if n.name in shares else n.reason)
@@ -424,7 +430,8 @@ class _Assembly:
         for node, decision, precision in self.decided:
             name = self.ctx.node_key(node)
             if isinstance(decision, Skip):
-                out.append(NodePlan(name, node.op_type, Precision.FLOAT, decision.reason,
+                half = self.facts.overrides.get(name) is Precision.FP16 and name in self.facts.kept_float
+                out.append(NodePlan(name, node.op_type, Precision.FP16 if half else Precision.FLOAT, decision.reason,
                                     float_inputs=self.raw_reads(node, decision)))
                 continue
             reads = [node.input[i] for i in decision.inputs if node.input[i]]

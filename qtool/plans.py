@@ -115,7 +115,8 @@ class NodePlan:
     """One node's decision.
 
     ``precision``: the activation precision of a quantized node, FLOAT when it
-    stays float. ``kernel``: the op the rewriter emits for it (filled by
+    stays float in the model's own type, FP16 when it runs in half precision (its
+    float inputs cast to fp16, its weights stored in fp16, its outputs cast back). ``kernel``: the op the rewriter emits for it (filled by
     resolve). ``fused_into``: the node that absorbs this one (a Relu into its
     Conv, a bias Add into its MatMul). ``inputs``: the tensors a quantized node
     reads quantized. ``float_inputs``: quantized tensors a float node reads
@@ -136,7 +137,8 @@ class NodePlan:
 
     @property
     def quantized(self) -> bool:
-        return self.precision is not Precision.FLOAT
+        """Runs on integers (fp16 and the model's float type are not)."""
+        return self.precision.is_integer
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "op_type": self.op_type, "precision": self.precision.label, "reason": self.reason,

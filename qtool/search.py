@@ -36,7 +36,7 @@ from .evaluation import Gate, OutputStats, Report, Speedup, Thresholds, class_sc
 from .plans import Plan
 from .rules.movement import MOVEMENT_OPS
 
-FALLBACKS = ("fp32", "int16")
+FALLBACKS = ("fp32", "fp16", "int16")
 #: Ops whose isolated error is their input's (they share its parameters): never ranked.
 NOT_RANKED = set(MOVEMENT_OPS) | {"Concat", "Split", "Identity"}
 
@@ -194,8 +194,14 @@ def budget(n: int) -> int:
     return int(2 * math.log2(max(n, 2))) + 10
 
 
-def fallback_options(options: QuantizeOptions, nodes, precision: str) -> QuantizeOptions:
-    return replace(options, precision=tuple(options.precision) + tuple(f"{n}={precision}" for n in nodes))
+def fallback_options(options: QuantizeOptions, nodes, precision: str, op_types: dict[str, str] | None = None
+                     ) -> QuantizeOptions:
+    """``options`` with ``nodes`` at the fallback precision (fp16 only where the op runs in fp16, else fp32)."""
+    from .rewrite.half_nodes import HALF_OPS
+
+    def of(n):
+        return "fp32" if precision == "fp16" and (op_types or {}).get(n) not in HALF_OPS else precision
+    return replace(options, precision=tuple(options.precision) + tuple(f"{n}={of(n)}" for n in nodes))
 
 
 def search(model_path, prepared, table, options: QuantizeOptions, method, eval_data, labels, task,
@@ -214,10 +220,11 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     gates = sopts.accuracy_gates
     trail: list[Step] = []
     cache: dict[frozenset, Step] = {}  # by the nodes actually float, and by what was asked
+    op_types = {(n.name or f"{n.op_type}({n.output[0]})"): n.op_type for n in prepared.model.graph.node}
 
     def build(nodes, extra=()) -> tuple[Plan, onnx.ModelProto]:
         opts = replace(options, precision=tuple(options.precision) + tuple(extra))
-        plan = api._resolved_plan(prepared, fallback_options(opts, nodes, sopts.fallback), table, method)
+        plan = api._resolved_plan(prepared, fallback_options(opts, nodes, sopts.fallback, op_types), table, method)
         return plan, _candidate(api, plan, prepared)
 
     def evaluate(nodes, what, extra=()) -> Step:

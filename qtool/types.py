@@ -68,7 +68,7 @@ class Precision(Enum):
 
 
 #: The precisions a node override (``--precision NAME=P``) may ask for.
-NODE_PRECISIONS = (Precision.FP32, Precision.INT8, Precision.UINT8, Precision.INT16, Precision.UINT16)
+NODE_PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8, Precision.UINT8, Precision.INT16, Precision.UINT16)
 
 
 @dataclass(frozen=True)

@@ -290,3 +290,33 @@ def test_debug_plot(outlier, tmp_path, monkeypatch):
         assert r.exit_code == 0, r.output
         head = (tmp_path / f"rank.{ext}").read_bytes()[:100]
         assert head.startswith(b"\x89PNG") if ext == "png" else b"<svg" in (tmp_path / "rank.svg").read_bytes()[:2000]
+
+
+def test_fp16_node_precision_and_fallback(outlier, tmp_path):
+    """--precision NAME=fp16 runs that node in half precision between Casts; the search can fall back to it."""
+    d, path = outlier
+    out, plan = tmp_path / "h.onnx", tmp_path / "plan.json"
+    r = run("quantize", path, "--data", d / "calib.npz", "-o", out, "--eval-data", d / "eval.npz", "--min-snr", 25,
+            "--fallback", "fp16", "--no-speed", "--save-plan", plan)
+    assert r.exit_code == 0, r.output
+    m = onnx.load(out)
+    onnx.checker.check_model(m, full_check=True)
+    conv = next(n for n in m.graph.node if n.name == "/conv_b")
+    types = {t.name: t.data_type for t in m.graph.initializer}
+    assert types[conv.input[1]] == onnx.TensorProto.FLOAT16 and types[conv.input[2]] == onnx.TensorProto.FLOAT16
+    casts = [n for n in m.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 2 and conv.input[0] in {c.output[0] for c in casts}
+    nodes = {n["name"]: n for n in json.loads(plan.read_text())["nodes"]}
+    assert nodes["/conv_b"]["precision"] == "fp16" and nodes["/conv_a"]["precision"] == "uint8"
+    r = run("eval", path, out, "--data", d / "eval.npz", "--min-snr", 25, "--repeats", 3)
+    assert r.exit_code == 0, r.output
+    again = tmp_path / "again.onnx"
+    assert run("quantize", path, "-o", again, "--plan", plan).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+    # an op that cannot run in fp16 as a whole is refused, in one line
+    m = models.log_then_conv()
+    lp = models.save(m, tmp_path / "log.onnx")
+    np.savez(tmp_path / "log.npz", **{k: np.abs(v) + 0.1 for k, v in models.random_inputs(m, 8).items()})
+    r = run("quantize", lp, "--data", tmp_path / "log.npz", "-o", tmp_path / "x.onnx", "--precision", "Log=fp16")
+    assert r.exit_code == 2 and "not among the ops qtool runs in fp16" in r.output
+    assert not (tmp_path / "x.onnx").exists()
