@@ -18,6 +18,16 @@ from .evaluation import Latency, OutputStats, Report, Speedup, class_scores, is_
 KERNEL_COUNT_MAX_BYTES = 1 << 30
 
 
+def fixed_batch(sess) -> int | None:
+    """The batch a model's inputs fix (the first input whose first dimension is a positive
+    integer), the same rule as ``qtool.api._batch_size``; None when the batch is free."""
+    for i in sess.get_inputs():
+        shape = i.shape or []
+        if shape and isinstance(shape[0], int) and not isinstance(shape[0], bool) and shape[0] > 0:
+            return shape[0]
+    return None
+
+
 def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, options: EvalOptions,
              limit: int | None, size_ref: int, size_cand: int, task=None,
              labels_given: bool = True) -> Report:
@@ -39,25 +49,28 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
                      f"falling back to CPU: ran on {provider}")
     inputs = [i.name for i in sess_r.get_inputs()]
     names = runtime.output_names(sess_r)
+    batch_size = fixed_batch(sess_r) or options.batch_size
     stats = {n: OutputStats(n) for n in names}
     correct_r = correct_c = seen = 0
     first = None
     head = None  # index of the output accuracy is read from
     rows_r, rows_c = [], []
-    for batch in ds.batches(options.batch_size, limit):
+    for batch in ds.batches(batch_size, limit):
         feeds = {k: batch[k] for k in inputs}
         first = first or feeds
+        # samples are counted on the inputs: an output may be a scalar or not batch-major
+        n = len(next(iter(feeds.values()))) if feeds else 1
         out_r = runtime.run(sess_r, feeds)
         out_c = runtime.run(sess_c, feeds)
         for name, a, b in zip(names, out_r, out_c):
-            stats[name].update(a, b)
+            stats[name].update(a, b, n)
         if task is not None:
             rows_r.append(task.rows(dict(zip(names, out_r)), batch))
             rows_c.append(task.rows(dict(zip(names, out_c)), batch))
-        n = len(out_r[0])
         if labels is not None:
             if head is None:
-                head = next((i for i, (name, a) in enumerate(zip(names, out_r)) if is_classifier_output(name, a)), -1)
+                head = next((i for i, (name, a) in enumerate(zip(names, out_r))
+                             if is_classifier_output(name, a) and len(a) == n), -1)
                 if head < 0:
                     shapes = ", ".join(f"{name} {list(a.shape)} {a.dtype}" for name, a in zip(names, out_r))
                     if labels_given:
@@ -77,7 +90,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
             correct_c += int((scores_c.argmax(1) == y).sum())
         seen += n
     lat_r, lat_c, ratios = runtime.time_pair(sess_r, sess_c, first, options.warmup, options.repeats)
-    batch = len(next(iter(first.values())))
+    batch = len(next(iter(first.values()))) if first else 1
     acc_r = correct_r / seen if labels is not None else None
     acc_c = correct_c / seen if labels is not None else None
     task_scores = (None, None, None)

@@ -81,8 +81,14 @@ class OutputStats:
         self.agree = 0
         self.classifier: bool | None = None  # decided by every batch (see is_classifier_output)
 
-    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        classifier = is_classifier_output(self.name, ref)
+    def update(self, ref: np.ndarray, cand: np.ndarray, batch: int | None = None) -> None:
+        """Add one batch. ``batch``: its number of samples (default: the output's first dimension).
+        An output whose first dimension is not the batch (a scalar, a pooled statistic) counts as
+        one row for the cosine and gets no top-1 agreement."""
+        if batch is None:
+            batch = len(ref) if ref.ndim else 1
+        per_sample = ref.ndim > 0 and len(ref) == batch
+        classifier = per_sample and is_classifier_output(self.name, ref)
         self.classifier = classifier if self.classifier is None else self.classifier and classifier
         ref64 = ref.astype(np.float64)
         err = cand.astype(np.float64) - ref64
@@ -92,11 +98,12 @@ class OutputStats:
         self.count += err.size
         self.signal += float((ref64 * ref64).sum())
         self.noise += float((err * err).sum())
-        a, b = ref64.reshape(len(ref), -1), cand.astype(np.float64).reshape(len(ref), -1)
+        rows = len(ref) if per_sample else 1
+        a, b = ref64.reshape(rows, -1), cand.astype(np.float64).reshape(rows, -1)
         denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cos = np.where(denom > 0, (a * b).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
         self.cos_sum += float(cos.sum())
-        self.rows += len(ref)
+        self.rows += rows
         if self.classifier:
             self.agree += int((class_scores(ref).argmax(1) == class_scores(cand).argmax(1)).sum())
 

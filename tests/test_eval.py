@@ -358,3 +358,48 @@ def test_json_from_never_overwrites_preset(saved_report, tmp_path):
     r = cli("eval", "--from", saved_report, "--config", preset, "--json", task)
     assert r.exit_code == 2 and "output path is the input file" in r.output, r.output
     assert task.read_text() == COMPARE_TASK
+
+
+def _text_model(text, path):
+    from onnx import parser
+    m = parser.parse_model(text)
+    return models.save(m, path)
+
+
+def test_scalar_and_non_batch_outputs(tmp_path):
+    path = _text_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] logits, float total, float[4, N] t) {
+        logits = Relu (x)
+        total = ReduceSum <keepdims = 0> (x)
+        t = Transpose <perm = [1, 0]> (x)
+    }
+    """, tmp_path / "s.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32),
+             labels=np.arange(10) % 4)
+    r = cli("eval", path, path, "--data", tmp_path / "d.npz", "--batch-size", 4, "--repeats", 1,
+            "--min-cosine", 0.99, "--max-drop", 0)
+    assert r.exit_code == 0, r.output
+    report = qtool.evaluate(path, path, tmp_path / "d.npz", options=EvalOptions(batch_size=4, repeats=1))
+    assert report.samples == 10 and report.accuracy_reference is not None
+    by_name = {o.name: o for o in report.outputs}
+    assert by_name["logits"].top1_agreement == 1.0
+    assert by_name["total"].top1_agreement is None and by_name["total"].cosine == pytest.approx(1.0)
+    assert by_name["t"].top1_agreement is None  # [4, N]: its first dimension is not the batch
+    s = OutputStats("x")
+    s.update(np.float32(2.0), np.float32(2.0))  # a bare scalar, as search.py passes outputs
+    assert s.result().cosine == pytest.approx(1.0) and s.rows == 1
+
+
+def test_eval_uses_the_models_fixed_batch(tmp_path):
+    path = _text_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[4, 8] x) => (float[4, 8] y) {
+        y = Relu (x)
+    }
+    """, tmp_path / "f.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32))
+    r = cli("eval", path, path, "--data", tmp_path / "d.npz", "--repeats", 1, "--batch-size", 64)
+    assert r.exit_code == 0, r.output
+    report = qtool.evaluate(path, path, tmp_path / "d.npz", options=EvalOptions(repeats=1))
+    assert report.samples == 12 and report.latency_reference.batch == 4
