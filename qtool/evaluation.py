@@ -371,14 +371,26 @@ def load_report(path: str | Path) -> Report:
 
 
 def _check_report(r: Report) -> None:
+    """Raise TypeError/ValueError (a ReportError to the caller) for values no qtool eval writes."""
     def number(x, optional=True):
         if x is None and optional:
             return
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise TypeError(f"expected a number, got {x!r}")
 
+    def count(x, what):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise TypeError(f"{what} must be a non-negative integer, got {x!r}")
+
     for x in (r.accuracy_reference, r.accuracy_candidate, r.task_reference, r.task_candidate):
         number(x)
+    for a, b, what in (("accuracy_reference", "accuracy_candidate", "accuracy"),
+                       ("task_reference", "task_candidate", "task")):
+        if (getattr(r, a) is None) != (getattr(r, b) is None):
+            raise ValueError(f"{a} and {b} go together: this report has only "
+                             f"{a if getattr(r, a) is not None else b}")
+    if r.task_reference is not None and (not isinstance(r.task, str) or not r.task):
+        raise ValueError("task_reference/task_candidate need the task's name in \"task\"")
     number(r.size_reference, False)
     number(r.size_candidate, False)
     if r.size_reference <= 0:
@@ -387,16 +399,31 @@ def _check_report(r: Report) -> None:
         for x in (o.max_abs_error, o.mean_abs_error, o.cosine, o.snr_db):
             number(x, False)
         number(o.top1_agreement)
-    for lat in (r.latency_reference, r.latency_candidate):
+    for key in ("latency_reference", "latency_candidate"):
+        lat = getattr(r, key)
         if lat is not None:
             number(lat.median_ms, False)
             number(lat.p90_ms, False)
+            if not (math.isfinite(lat.median_ms) and lat.median_ms > 0):
+                raise ValueError(f"{key}.median_ms must be a positive number, got {lat.median_ms!r}")
     if r.paired_speedup is not None:
-        for x in (r.paired_speedup.median, r.paired_speedup.p10, r.paired_speedup.p90):
+        sp = r.paired_speedup
+        for x in (sp.median, sp.p10, sp.p90):
             number(x, False)
-    for k in (r.kernels_reference, r.kernels_candidate):
-        if k is not None and not isinstance(k.integer, dict):
+        count(sp.pairs, "paired_speedup.pairs")
+        if not (0 < sp.p10 <= sp.median <= sp.p90 and math.isfinite(sp.p90)):
+            raise ValueError(f"paired_speedup needs 0 < p10 <= median <= p90 (finite), got "
+                             f"p10 {sp.p10!r}, median {sp.median!r}, p90 {sp.p90!r}")
+    for key in ("kernels_reference", "kernels_candidate"):
+        k = getattr(r, key)
+        if k is None:
+            continue
+        if not isinstance(k.integer, dict):
             raise TypeError("kernels.integer must be an object of op type -> count")
+        for op, n in k.integer.items():
+            count(n, f"{key}.integer[{op!r}]")
+        for f in ("quantize", "dequantize", "unfused_quantize", "unfused_dequantize"):
+            count(getattr(k, f), f"{key}.{f}")
 
 
 @dataclass(frozen=True)

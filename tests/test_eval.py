@@ -403,3 +403,38 @@ def test_eval_uses_the_models_fixed_batch(tmp_path):
     assert r.exit_code == 0, r.output
     report = qtool.evaluate(path, path, tmp_path / "d.npz", options=EvalOptions(repeats=1))
     assert report.samples == 12 and report.latency_reference.batch == 4
+
+
+def _set(d, path, value):
+    *keys, last = path.split(".")
+    for k in keys:
+        d = d[k]
+    if value is _DELETE:
+        del d[last]
+    else:
+        d[last] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("changes", [
+    {"latency_reference.median_ms": 0}, {"latency_candidate.median_ms": -1.0},
+    {"paired_speedup.p10": 0.0}, {"paired_speedup.p10": 5.0, "paired_speedup.median": 1.0},
+    {"paired_speedup.median": 9.0, "paired_speedup.p90": 1.0}, {"paired_speedup.pairs": 2.5},
+    {"kernels_candidate.integer": {"QLinearConv": 1.5}}, {"kernels_candidate.integer": {"QLinearConv": "2"}},
+    {"kernels_reference.quantize": True}, {"kernels_reference.dequantize": -1},
+    {"accuracy_reference": 0.9, "accuracy_candidate": None},
+    {"accuracy_reference": _DELETE, "accuracy_candidate": 0.8},
+    {"task": "mAP", "task_reference": 0.5, "task_candidate": None},
+    {"task": None, "task_reference": 0.5, "task_candidate": 0.4},
+])
+def test_from_implausible_reports_exit_2(saved_report, tmp_path, changes):
+    d = json.loads(saved_report.read_text())
+    for path, value in changes.items():
+        _set(d, path, value)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    r = cli("eval", "--from", bad, "--min-snr", 0)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "malformed" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
