@@ -330,6 +330,12 @@ def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | P
     ds = open_data(data, ref)
     check_against_model(ds, model_inputs(cand))
     label_array = _labels(ds, labels, limit)
+    # gates that cannot be judged fail before any inference (judge would refuse them after it)
+    if options.max_drop is not None and label_array is None:
+        raise QtoolError("--max-drop cannot be checked: no accuracy: it needs labels (a 'labels' array in the "
+                         "data or --labels)")
+    if options.max_task_drop is not None and not options.task:
+        raise QtoolError("--max-task-drop cannot be checked: no task metric: it needs a task file (--task)")
     task = None
     if options.task:
         from .task import load_task

@@ -311,7 +311,7 @@ class Report:
 
     @property
     def min_snr_db(self) -> float | None:
-        return min(o.snr_db for o in self.outputs) if self.outputs else None
+        return _lowest(o.snr_db for o in self.outputs)
 
     @property
     def passed(self) -> bool:
@@ -447,32 +447,35 @@ class Thresholds:
 
 def judge(report: Report, t: Thresholds) -> Report:
     """Check the thresholds (they replace the report's gates); each failed gate says by how much
-    and what would pass. Also recomputes ``warnings`` (a speedup too noisy to call)."""
-    cosine = min(o.cosine for o in report.outputs) if report.outputs else None
+    and what would pass. Also recomputes ``warnings`` (a speedup too noisy to call).
+
+    A gate on a value the report lacks (--max-drop without labels, --max-task-drop without a
+    task, --min-speedup without latency...) cannot be judged: a one-line QtoolError, not a
+    failed gate. A NaN value fails its gate whatever the threshold."""
+    cosine = _lowest(o.cosine for o in report.outputs)
     sp = report.paired_speedup
     spread = f" ({sp.spread()})" if sp else " (ratio of medians; no per-pair spread in this report)"
-    checks = [  # name, threshold, value, upper bound?, what, flag, why a missing value fails, unit
+    checks = [  # name, threshold, value, upper bound?, what, flag, why the value is missing, unit
         ("max_drop", t.max_drop, report.accuracy_drop, True, "accuracy drop", "--max-drop",
-         "max-drop needs labels (a 'labels' array in the data or --labels)", ""),
+         "no accuracy: it needs labels (a 'labels' array in the data or --labels) and a classifier-shaped output",
+         ""),
         ("min_agreement", t.min_agreement, report.agreement, False, "top-1 agreement", "--min-agreement",
-         "min-agreement needs a classifier-shaped output [batch, classes]", ""),
+         "no top-1 agreement: it needs a classifier-shaped output [batch, classes]", ""),
         ("max_task_drop", t.max_task_drop, report.task_drop, True, f"{report.task} drop", "--max-task-drop",
-         "max-task-drop needs a task file (--task)", ""),
+         "no task metric: it needs a task file (--task)", ""),
         ("min_cosine", t.min_cosine, cosine, False, "cosine similarity", "--min-cosine", "no outputs to compare", ""),
         ("min_snr", t.min_snr, report.min_snr_db, False, "lowest output SNR", "--min-snr",
          "no outputs to compare", " dB"),
         ("min_speedup", t.min_speedup, report.speedup, False, "median per-pair speedup", "--min-speedup",
-         "min-speedup needs latency, and this report has none", "x" + spread),
+         "no latency in this report", "x" + spread),
     ]
     gates = []
     for name, threshold, value, upper, what, flag, missing, unit in checks:
         if threshold is None:
             continue
         if value is None:
-            gates.append(Gate(name, float("nan"), threshold, False, missing))
-            continue
-        passed = value <= threshold + 1e-12 if upper else value >= threshold
-        gates.append(_gate(name, value, threshold, passed, what, flag, unit))
+            raise QtoolError(f"{flag} cannot be checked: {missing}")
+        gates.append(_gate(name, value, threshold, _passes(value, threshold, upper), what, flag, unit))
     warnings = []
     if sp is not None:
         w = sp.warning(t.min_speedup)
@@ -481,19 +484,44 @@ def judge(report: Report, t: Thresholds) -> Report:
     return replace(report, gates=tuple(gates), warnings=tuple(warnings))
 
 
+def _lowest(values) -> float | None:
+    """The minimum; NaN when any value is NaN (min() would keep or drop it by position)."""
+    values = [float(v) for v in values]
+    if not values:
+        return None
+    return float("nan") if any(math.isnan(v) for v in values) else min(values)
+
+
+def _passes(value: float, threshold: float, upper: bool) -> bool:
+    """NaN never passes; +inf passes any lower bound (an exact match has infinite SNR)."""
+    return value <= threshold + 1e-12 if upper else value >= threshold
+
+
 def _gate(name, value, threshold, passed, what, flag, unit="") -> Gate:
-    shown = f"{value:.4f}" if math.isfinite(value) else str(value)
+    shown = f"{value:.4f}" if math.isfinite(value) else ("NaN" if math.isnan(value) else str(value))
     if passed:
         return Gate(name, value, threshold, True, f"{what} {shown}{unit} within {flag} {threshold:g}")
+    if not math.isfinite(value):
+        return Gate(name, value, threshold, False, f"{what} is {shown}; no threshold passes ({flag} {threshold:g})")
     return Gate(name, value, threshold, False,
                 f"{what} {shown}{unit} misses {flag} {threshold:g} by {abs(value - threshold):.4f}; "
-                f"{flag} {_round_out(value, name):g} would have passed")
+                f"{flag} {_round_out(value, name)} would have passed")
 
 
-def _round_out(value: float, name: str) -> float:
-    """The nearest 4-decimal threshold on the passing side of ``value``."""
-    scaled = value * 10000
-    return (np.ceil(scaled) if name.startswith("max") else np.floor(scaled)) / 10000
+def _round_out(value: float, name: str) -> str:
+    """The nearest 4-decimal threshold on the passing side of ``value``, as text that parses back
+    to a threshold that passes (float rounding of value * 10000 can land on the failing side)."""
+    upper = name.startswith("max")
+    step = math.ceil if upper else math.floor
+    k = step(value * 10000)
+    for _ in range(3):
+        text = f"{k / 10000:.4f}".rstrip("0").rstrip(".")
+        if text == "-0":
+            text = "0"
+        if _passes(value, float(text), upper):
+            return text
+        k += 1 if upper else -1
+    return text
 
 
 def format_table(r: Report) -> str:

@@ -124,9 +124,9 @@ def test_min_speedup_gate_messages():
     g = bad.gates[0]
     assert not bad.passed and g.name == "min_speedup" and g.value == 1.5
     assert "p10-p90 1.40-1.60x" in g.message and "--min-speedup 1.5 would have passed" in g.message
-    no_latency = judge(replace(r, paired_speedup=None, latency_reference=None, latency_candidate=None),
-                       Thresholds(min_speedup=1.0))
-    assert not no_latency.passed and "needs latency" in no_latency.gates[0].message
+    with pytest.raises(QtoolError, match="--min-speedup cannot be checked: no latency"):
+        judge(replace(r, paired_speedup=None, latency_reference=None, latency_candidate=None),
+              Thresholds(min_speedup=1.0))
 
 
 def test_min_snr_gate_uses_lowest_output():
@@ -438,3 +438,60 @@ def test_from_implausible_reports_exit_2(saved_report, tmp_path, changes):
     r = cli("eval", "--from", bad, "--min-snr", 0)
     assert r.exit_code == 2 and r.output.startswith("error: ") and "malformed" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def _suggested(message, flag):
+    import re
+    return re.search(re.escape(flag) + r" (\S+) would have passed", message).group(1)
+
+
+@pytest.mark.parametrize("snr", [123.45678, 25.0, 0.58, float(np.nextafter(0.58, 0)), 1e-5, 99.99999, -3.00001])
+def test_suggested_threshold_passes_when_used(snr):
+    r = synthetic(snr=(snr + 100, snr))
+    bad = judge(r, Thresholds(min_snr=snr + 1))
+    text = _suggested(bad.gates[0].message, "--min-snr")
+    assert judge(r, Thresholds(min_snr=float(text))).passed, text
+    drop = replace(r, accuracy_reference=0.5 + snr / 1000, accuracy_candidate=0.5)
+    bad = judge(drop, Thresholds(max_drop=-1.0))
+    text = _suggested(bad.gates[0].message, "--max-drop")
+    assert judge(drop, Thresholds(max_drop=float(text))).passed, text
+
+
+def test_suggested_threshold_printed_exactly_and_rerun_passes(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(synthetic(snr=(200.0, 123.45678)).to_json())
+    r = cli("eval", "--from", path, "--min-snr", 130)
+    assert r.exit_code == 1 and "--min-snr 123.4567 would have passed" in r.output, r.output
+    r = cli("eval", "--from", path, "--min-snr", _suggested(r.output, "--min-snr"))
+    assert r.exit_code == 0, r.output
+
+
+def test_nan_metric_fails_every_threshold_and_inf_snr_passes():
+    nan = judge(synthetic(snr=(30.0, float("nan"))), Thresholds(min_snr=-1000.0))
+    g = nan.gates[0]
+    assert not nan.passed and "lowest output SNR is NaN; no threshold passes" in g.message
+    assert "nan" not in g.message and "would have passed" not in g.message
+    drop = judge(replace(synthetic(), accuracy_candidate=float("nan")), Thresholds(max_drop=1.0))
+    assert not drop.passed and "accuracy drop is NaN; no threshold passes" in drop.gates[0].message
+    exact = judge(synthetic(snr=(float("inf"), float("inf"))), Thresholds(min_snr=1e9))
+    assert exact.passed and "inf" in exact.gates[0].message
+
+
+def test_gate_without_its_value_is_bad_input(cnn_files, saved_report, tmp_path):
+    np.savez(tmp_path / "nolabels.npz", **models.random_inputs(models.small_cnn(), 8))
+    r = cli("eval", cnn_files["model"], cnn_files["model"], "--data", tmp_path / "nolabels.npz", "--repeats", 1,
+            "--max-drop", 0.01)
+    assert r.exit_code == 2 and r.output.startswith("error: --max-drop cannot be checked") and "labels" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    r = cli("eval", cnn_files["model"], cnn_files["model"], "--data", cnn_files["eval"], "--repeats", 1,
+            "--max-task-drop", 0.01)
+    assert r.exit_code == 2 and "--max-task-drop cannot be checked" in r.output and "--task" in r.output, r.output
+    d = json.loads(saved_report.read_text())
+    d["accuracy_reference"] = d["accuracy_candidate"] = None
+    no_acc = tmp_path / "noacc.json"
+    no_acc.write_text(json.dumps(d))
+    for gate in ("--max-drop", "--max-task-drop"):
+        r = cli("eval", "--from", no_acc, gate, 0.01)
+        assert r.exit_code == 2 and f"error: {gate} cannot be checked" in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert cli("eval", "--from", no_acc, "--min-snr", 0).exit_code == 0
