@@ -318,30 +318,62 @@ class Report:
         return all(g.passed for g in self.gates)
 
     def to_dict(self) -> dict:
+        """Strict-JSON-ready: non-finite floats (an exact output's SNR, a NaN metric) become the
+        strings "inf", "-inf" and "nan", which :meth:`from_dict` reads back as floats."""
         d = asdict(self)
         d["format"] = REPORT_FORMAT
         d["size_ratio"], d["speedup"], d["accuracy_drop"] = self.size_ratio, self.speedup, self.accuracy_drop
         d["task_drop"] = self.task_drop
         d["passed"] = self.passed
-        return d
+        return _json_safe(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
         """A report from :meth:`to_dict` (format 1 or 2); derived keys are recomputed."""
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        d["outputs"] = tuple(OutputMetrics(**o) for o in d["outputs"])
-        d["gates"] = tuple(Gate(**g) for g in d.get("gates", ()))
+        for key in ("accuracy_reference", "accuracy_candidate", "task_reference", "task_candidate"):
+            if key in d:
+                d[key] = _float_in(d[key])
+        d["outputs"] = tuple(OutputMetrics(**_floats_in(o, "max_abs_error", "mean_abs_error", "cosine", "snr_db",
+                                                        "top1_agreement")) for o in d["outputs"])
+        d["gates"] = tuple(Gate(**_floats_in(g, "value", "threshold")) for g in d.get("gates", ()))
         d["notes"] = tuple(d.get("notes", ()))
         d["warnings"] = tuple(d.get("warnings", ()))
         for key in ("latency_reference", "latency_candidate"):
-            d[key] = Latency(**d[key]) if d.get(key) else None
-        d["paired_speedup"] = Speedup(**d["paired_speedup"]) if d.get("paired_speedup") else None
+            d[key] = Latency(**_floats_in(d[key], "median_ms", "p90_ms")) if d.get(key) else None
+        d["paired_speedup"] = (Speedup(**_floats_in(d["paired_speedup"], "median", "p10", "p90"))
+                               if d.get("paired_speedup") else None)
         for key in ("kernels_reference", "kernels_candidate"):
             d[key] = Kernels(**d[key]) if d.get(key) else None
         return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False)
+
+
+_NON_FINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+def _json_safe(value):
+    """JSON has no Infinity or NaN: non-finite floats as the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _float_in(x):
+    """A number read back from :func:`_json_safe`; anything else is left for the checks."""
+    return _NON_FINITE[x] if isinstance(x, str) and x in _NON_FINITE else x
+
+
+def _floats_in(d: dict, *keys) -> dict:
+    if not isinstance(d, dict):
+        raise TypeError(f"expected an object, got {d!r}")
+    return {k: _float_in(v) if k in keys else v for k, v in d.items()}
 
 
 def load_report(path: str | Path) -> Report:

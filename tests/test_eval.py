@@ -495,3 +495,41 @@ def test_gate_without_its_value_is_bad_input(cnn_files, saved_report, tmp_path):
         assert r.exit_code == 2 and f"error: {gate} cannot be checked" in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
     assert cli("eval", "--from", no_acc, "--min-snr", 0).exit_code == 0
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_json_is_strict_and_round_trips_non_finite(tmp_path):
+    r = judge(synthetic(snr=(float("inf"), float("nan"))), Thresholds(min_snr=10.0, min_cosine=0.5))
+    text = r.to_json()
+    d = _strict(text)
+    assert d["outputs"][0]["snr_db"] == "inf" and d["outputs"][1]["snr_db"] == "nan"
+    assert d["gates"][1]["name"] == "min_snr" and d["gates"][1]["value"] == "nan"
+    back = Report.from_dict(d)
+    assert back.outputs[0].snr_db == float("inf") and np.isnan(back.outputs[1].snr_db)
+    assert back.to_json() == text
+    path = tmp_path / "r.json"
+    path.write_text(text)
+    assert load_report(path).to_json() == text
+    out = tmp_path / "again.json"
+    res = cli("eval", "--from", path, "--min-snr", 1, "--json", out)
+    assert res.exit_code == 1 and "lowest output SNR is NaN; no threshold passes" in res.output, res.output
+    assert _strict(out.read_text())["outputs"][0]["snr_db"] == "inf"
+    d["outputs"][0]["snr_db"] = "loud"
+    path.write_text(json.dumps(d))
+    res = cli("eval", "--from", path)
+    assert res.exit_code == 2 and "malformed" in res.output, res.output
+
+
+def test_eval_json_of_identical_models_is_strict(cnn_files, tmp_path):
+    out = tmp_path / "same.json"
+    r = cli("eval", cnn_files["model"], cnn_files["model"], "--data", cnn_files["eval"], "--repeats", 1,
+            "--min-snr", 100, "--json", out)
+    assert r.exit_code == 0, r.output
+    d = _strict(out.read_text())
+    assert all(o["snr_db"] == "inf" for o in d["outputs"]) and d["gates"][0]["passed"]
+    assert load_report(out).min_snr_db == float("inf")
