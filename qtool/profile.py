@@ -34,6 +34,7 @@ second module that imports onnxruntime; timing without the profiler goes through
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -353,13 +354,47 @@ def _dtype(event: dict) -> str:
     return next(iter(shapes[0]), "") if shapes and isinstance(shapes[0], dict) else ""
 
 
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+
+def _outermost(kernels: list[dict]) -> list[dict]:
+    """The kernel events without those of control-flow bodies: onnxruntime's If/Loop/Scan event
+    already spans its body's kernels, which it also reports one by one (on the same thread,
+    inside the If's [ts, ts + dur]); counting both would count the body twice."""
+    found = defaultdict(list)  # thread -> (start, end) of its control-flow events
+    for e in kernels:
+        if e.get("args", {}).get("op_name") in CONTROL_FLOW:
+            found[e.get("tid")].append((e["ts"], e["ts"] + e["dur"]))
+    if not found:
+        return list(kernels)
+    outer = {}  # thread -> disjoint outermost windows, by start
+    for tid, ws in found.items():
+        kept = []
+        for start, end in sorted(ws, key=lambda w: (w[0], -w[1])):
+            if kept and end <= kept[-1][1]:
+                continue  # nested in the previous one (an If inside a Loop body)
+            kept.append((start, end))
+        outer[tid] = ([w[0] for w in kept], kept)
+
+    def inside(e) -> bool:
+        starts, kept = outer.get(e.get("tid"), ((), ()))
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i < 0:
+            return False
+        start, end = kept[i]
+        is_window = e.get("args", {}).get("op_name") in CONTROL_FLOW and (e["ts"], e["ts"] + e["dur"]) == (start, end)
+        return not is_window and e["ts"] + e["dur"] <= end
+
+    return [e for e in kernels if not inside(e)]
+
+
 def _per_run(kernels, runs, keep: int, owners: dict[str, str]):
     """group -> per-run ms (last ``keep`` runs), and group -> {(op, dtype, name): per-run ms}."""
     runs = sorted(runs)[-keep:]
     totals = defaultdict(lambda: np.zeros(len(runs)))
     parts = defaultdict(lambda: defaultdict(lambda: np.zeros(len(runs))))
     starts = np.array([r[0] for r in runs])
-    for e in kernels:
+    for e in _outermost(kernels):
         i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
         if i < 0 or e["ts"] > runs[i][1]:
             continue  # a warm-up run

@@ -126,3 +126,71 @@ def test_groups_one_side_fuses_are_judged_together():
     assert profile.slower_groups([conv, add]) == []
     slow_conv = NodeCost("conv", "Conv", 0.30, 0.40, "", True, (), "", 0.08, 0.12, ("add",))
     assert {c.node for c in profile.slower_groups([slow_conv, add])} == {"conv", "add"}
+
+
+def _event(name, op, ts, dur, tid=1):
+    return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "tid": tid,
+            "args": {"op_name": op}}
+
+
+def test_control_flow_bodies_are_not_counted_twice():
+    # onnxruntime's If event spans its body's kernels, which it reports too (see _outermost)
+    kernels = [_event("mm", "MatMul", 100, 10), _event("body_mm", "MatMul", 125, 20), _event("body_sig", "Sigmoid", 150, 5),
+               _event("branch", "If", 120, 40), _event("loop_if", "If", 210, 10), _event("loop_body", "Add", 212, 3),
+               _event("loop", "Loop", 200, 50), _event("other_thread", "Add", 130, 5, tid=2)]
+    owners = {"mm": "mm", "body_mm": "branch", "body_sig": "branch", "branch": "branch", "loop": "loop",
+              "loop_if": "loop", "loop_body": "loop", "other_thread": "x"}
+    totals, parts, n = profile._per_run(kernels, [(0, 1000)], 1, owners)
+    assert n == 1 and totals["branch"][0] == pytest.approx(0.040) and totals["loop"][0] == pytest.approx(0.050)
+    assert totals["mm"][0] == pytest.approx(0.010) and totals["x"][0] == pytest.approx(0.005)
+    assert set(parts["branch"]) == {("If", "", "")}
+
+
+def _if_model(path):
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.normal(size=(16, 16)).astype(np.float32), n) for n in ("w", "wt")]
+    inits.append(nh.from_array(np.array(0, np.float32), "zero"))
+    out = lambda n: [h.make_tensor_value_info(n, T.FLOAT, None)]  # noqa: E731
+    then_g = h.make_graph([h.make_node("MatMul", ["m", "wt"], ["t0"], name="then_mm"),
+                           h.make_node("Relu", ["t0"], ["t"], name="then_relu")], "then", [], out("t"))
+    else_g = h.make_graph([h.make_node("MatMul", ["m", "w"], ["e0"], name="else_mm"),
+                           h.make_node("Sigmoid", ["e0"], ["e"], name="else_sig")], "else", [], out("e"))
+    nodes = [h.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             h.make_node("ReduceMean", ["x"], ["r"], name="mean", keepdims=0),
+             h.make_node("Greater", ["r", "zero"], ["c"], name="gt"),
+             h.make_node("If", ["c"], ["y"], name="branch", then_branch=then_g, else_branch=else_g)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 16])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return str(path)
+
+
+def test_if_group_time_is_the_if_event(tmp_path, monkeypatch):
+    path = _if_model(tmp_path / "if.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(1).normal(size=(16, 16)).astype(np.float32))
+    plan, p, _ = _plan_for(path, None, tmp_path / "calib.npz", QuantizeOptions(), CalibrateOptions(), None, None)
+    candidate = _apply(plan, p.model)
+    seen = []
+    events = profile._Profiled.events
+
+    def spy(self):
+        kernels, runs = events(self)
+        seen.append((kernels, runs))
+        return kernels, runs
+
+    monkeypatch.setattr(profile._Profiled, "events", spy)
+    feeds = {"x": np.random.default_rng(2).normal(size=(8, 16)).astype(np.float32)}
+    costs = {c.node: c for c in profile.node_costs(p.model, candidate, plan, feeds, threads=1, runs=3, warmup=1)}
+    branch = costs["branch"]
+    for (kernels, runs), ms in zip(seen, (branch.float_ms, branch.int8_ms)):
+        last = sorted(runs)[-3:]
+        ifs = [e["dur"] / 1000.0 for e in kernels if e["args"].get("op_name") == "If"
+               and any(a <= e["ts"] <= b for a, b in last)]
+        assert len(ifs) == 3 and any(e["name"].startswith(("then_", "else_")) for e in kernels)
+        assert ms <= float(np.median(ifs)) + 1e-9, (ms, ifs)
