@@ -120,25 +120,38 @@ def time_session(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], warmu
     return Timing(float(np.median(arr)), float(np.percentile(arr, 90)), repeats)
 
 
+#: A timed sample lasts at least this long: a model that runs in 0.1 ms is timed over blocks of
+#: consecutive runs, so that timer resolution and scheduler noise do not swamp it.
+MIN_SAMPLE_MS = 2.0
+MAX_BLOCK = 200
+
+
 def time_pair(sess_a, sess_b, feeds: dict[str, np.ndarray], warmup: int = 5,
               repeats: int = 30) -> tuple[Timing, Timing, np.ndarray]:
     """Time two sessions as ``repeats`` interleaved pairs, so machine noise hits both alike.
 
     Each pair runs both sessions back to back; which one goes first alternates from pair
     to pair (A then B, B then A, ...), so neither always runs on a cache the other warmed.
+    A sample is one run, or a block of consecutive runs for models faster than
+    ``MIN_SAMPLE_MS`` (the block is chosen from the warm-up; times are per run).
     Returns each session's Timing and the per-pair ratios ``a_ms / b_ms`` (with A the
     reference and B the candidate, the speedup of each pair).
     """
-    for _ in range(warmup):
-        sess_a.run(None, feeds)
-        sess_b.run(None, feeds)
+    quickest = float("inf")
+    for _ in range(max(warmup, 1)):
+        for sess in (sess_a, sess_b):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            quickest = min(quickest, (time.perf_counter() - t0) * 1000.0)
+    block = int(min(MAX_BLOCK, max(1, np.ceil(MIN_SAMPLE_MS / max(quickest, 1e-3)))))
     ta, tb = np.empty(repeats), np.empty(repeats)
     for i in range(repeats):
         order = ((sess_a, ta), (sess_b, tb)) if i % 2 == 0 else ((sess_b, tb), (sess_a, ta))
         for sess, acc in order:
             t0 = time.perf_counter()
-            sess.run(None, feeds)
-            acc[i] = (time.perf_counter() - t0) * 1000.0
+            for _ in range(block):
+                sess.run(None, feeds)
+            acc[i] = (time.perf_counter() - t0) * 1000.0 / block
     timings = tuple(Timing(float(np.median(a)), float(np.percentile(a, 90)), repeats) for a in (ta, tb))
     return timings[0], timings[1], ta / np.maximum(tb, 1e-9)
 

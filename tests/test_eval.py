@@ -81,19 +81,31 @@ def test_speedup_warnings():
 
 
 class FakeSession:
-    def __init__(self, name, log):
-        self.name, self.log = name, log
+    def __init__(self, name, log, ms=0.0):
+        self.name, self.log, self.ms = name, log, ms
 
     def run(self, outputs, feeds):
         self.log.append(self.name)
+        if self.ms:
+            import time
+            time.sleep(self.ms / 1000)
 
 
 def test_time_pair_alternates_order_and_returns_per_pair_ratios():
     log = []
-    a, b = FakeSession("a", log), FakeSession("b", log)
+    a, b = FakeSession("a", log, 3.0), FakeSession("b", log, 3.0)
     ta, tb, ratios = runtime.time_pair(a, b, {}, warmup=1, repeats=4)
     assert log == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert ta.runs == tb.runs == 4 and len(ratios) == 4 and np.all(ratios > 0)
+
+
+def test_time_pair_times_fast_models_in_blocks():
+    """A model far below MIN_SAMPLE_MS is timed over blocks of consecutive runs (per-run times)."""
+    log = []
+    a, b = FakeSession("a", log), FakeSession("b", log)
+    runtime.time_pair(a, b, {}, warmup=1, repeats=2)
+    block = (len(log) - 2) // 4
+    assert block > 1 and log[2:] == ["a"] * block + ["b"] * block + ["b"] * block + ["a"] * block
 
 
 def test_report_speedup_is_median_of_pairs_and_round_trips():
