@@ -332,9 +332,9 @@ def _search(model, output, table, data, method, qopts, copts, eval_data, labels,
         click.echo(f"wrote {output}: {len(result.plan.all_quantized_nodes())} of {len(result.plan.all_nodes())} "
                    f"nodes quantized, {result.final.int8_mac_share * 100:.1f}% of MACs int8")
     if not result.passed:
-        what = "best effort written; " if written is not None else "nothing written; "
-        _fail(f"target not met: {result.miss or '; '.join(result.notes)} ({what}"
-              + ("" if written is not None else "--best-effort writes the best model found") + ")", 1)
+        what = (f"best effort written to {output}" if written is not None
+                else "nothing written; --best-effort writes the best model found")
+        _fail(f"target not met: {result.miss or '; '.join(result.notes)} ({what})", 1)
 
 
 @main.command()

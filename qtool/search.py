@@ -292,7 +292,10 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
                 before = len(trail)
                 step = evaluate(trial, f"{node} back to int8")
                 if len(trail) == before and step is evaluate(chosen, ""):
-                    continue  # the planner keeps it float with its neighbours: nothing to try
+                    # the planner keeps it float with its neighbours: nothing to try
+                    needed_for[node] = "nothing alone: back to int8 by itself it stays float beside its float " \
+                                       "neighbours (a float reader makes its producer float)"
+                    continue
                 if step.passed:
                     chosen = trial
                 else:
@@ -306,7 +309,8 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     untried = f"kept with the top {len(chosen)} that pass {_gate_flags(gates)} (the evaluation budget ended before it was tried alone)"
     reasons = {node: (f"{sopts.fallback}: alone it leaves the outputs at {dict(ranking)[node]:.1f} dB SNR "
                       f"(isolated SQNR {isolated[node]:.1f} dB at its output), rank {names.index(node) + 1} of {n}, "
-                      + (f"needed for {needed_for[node]}" if node in needed_for else untried))
+                      + (needed_for[node].replace("nothing alone: ", "") if needed_for.get(node, "").startswith(
+                          "nothing alone") else f"needed for {needed_for[node]}" if node in needed_for else untried))
                for node in final_nodes}
     if sopts.speed and passed:
         final_nodes, final, extra = _speed_phase(prepared, ref, final_nodes, final, build, evaluate, sopts,
