@@ -87,7 +87,8 @@ def ort_by_hand(spec, float_ops: set[str], out: Path, nodes: set[str] | None = N
     model = onnx.load(str(spec["model"]), load_external_data=False)
     exclude = [n.name for n in model.graph.node if n.name and (n.name in nodes if nodes is not None
                                                                else n.op_type in float_ops)]
-    batches = list(Dataset(spec["calib"]).batches(16))
+    names = {i.name for i in model.graph.input}
+    batches = [{k: v for k, v in b.items() if k in names} for b in Dataset(spec["calib"]).batches(16)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
