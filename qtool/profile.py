@@ -26,9 +26,8 @@ cost includes the Q/DQ nodes qtool wrote for it: the QuantizeLinear of its outpu
 reorders onnxruntime put around it. Kernel time only: the profiler's own per-node
 overhead falls outside ``_kernel_time`` events, and both sessions are profiled alike.
 
-This module builds its own profiling sessions (enable_profiling must be set before a
-session exists, and :func:`qtool.runtime.session` has no such option), so it is the
-second module that imports onnxruntime; timing without the profiler goes through
+Its profiling sessions start from :func:`qtool.runtime.session_options` with the profiler
+switched on (it must be set before a session exists); onnxruntime itself is imported only by
 :mod:`qtool.runtime`.
 """
 
@@ -306,22 +305,12 @@ class _Profiled:
     """A session with onnxruntime's profiler on, saving the graph it optimised."""
 
     def __init__(self, model: onnx.ModelProto, provider: str, threads: int, folder: str, tag: str):
-        import onnxruntime as ort  # see the module docstring: the profiler needs its own options
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.optimized_path = os.path.join(folder, f"{tag}.optimized.onnx")
+        # weights to a side file (never read back): only the graph is walked, and a big model fits
+        opts = runtime.session_options(threads, True, self.optimized_path, f"{tag}.optimized.onnx.data")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(folder, tag)
-        self.optimized_path = os.path.join(folder, f"{tag}.optimized.onnx")
-        opts.optimized_model_filepath = self.optimized_path
-        # weights to a side file (never read back): only the graph is walked, and a big model fits
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                      f"{tag}.optimized.onnx.data")
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        providers = [provider] if provider == runtime.PROVIDERS["cpu"] else [provider, runtime.PROVIDERS["cpu"]]
+        providers = runtime.provider_list(provider)
         if model_io.by_path(model):
             with model_io.temp_model_file(model) as path:
                 self.sess = runtime._session(str(path), opts, providers)

@@ -41,16 +41,8 @@ def pick_provider(name: str) -> ProviderChoice:
 
 def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
             optimize: bool = True, optimized_path: str | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # failures come back as exceptions, reported in one line
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if optimized_path:
-        opts.optimized_model_filepath = optimized_path
-    providers = [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
+    opts = session_options(threads, optimize, optimized_path)
+    providers = provider_list(provider)
     if not isinstance(model, str) and model_io.by_path(model):
         # weights on disk or over 2 GiB: onnxruntime reads a temporary file beside the data
         folder = model_io.data_folder(model)
@@ -62,6 +54,32 @@ def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], thre
         with model_io.temp_model_file(model) as path:
             return _session(str(path), opts, providers)
     return _session(model if isinstance(model, str) else model.SerializeToString(), opts, providers)
+
+
+def session_options(threads: int | None = None, optimize: bool = True, optimized_path: str | None = None,
+                    side_file: str | None = None) -> ort.SessionOptions:
+    """Quiet options (failures come back as exceptions, reported in one line), ``threads`` pinned
+    (inter-op 1), all optimisations unless ``optimize`` is False; with ``optimized_path`` the
+    optimised graph is saved there, its weights over 1 KiB to ``side_file`` when given."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+        if side_file:
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", side_file)
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                          "1024")
+    return opts
+
+
+def provider_list(provider: str) -> list[str]:
+    """``provider``, with the CPU EP behind any other for the nodes it does not take."""
+    return [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
 
 
 def _session(source, opts, providers) -> ort.InferenceSession:
@@ -171,18 +189,8 @@ def kernel_counts(model: str, provider: str = PROVIDERS["cpu"],
     with tempfile.TemporaryDirectory(prefix="qtool-opt-") as tmp:
         out = os.path.join(tmp, "optimized.onnx")
         try:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 4
-            if threads:
-                opts.intra_op_num_threads = threads
-                opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.optimized_model_filepath = out
-            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                          "optimized.onnx.data")
-            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                          "1024")
-            providers = [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
+            opts = session_options(threads, True, out, "optimized.onnx.data")
+            providers = provider_list(provider)
             ort.InferenceSession(str(model), sess_options=opts, providers=providers)
             graph = onnx.load(out, load_external_data=False).graph
         except Exception as exc:
