@@ -36,6 +36,28 @@ def tidy_initializer_names(graph) -> None:
                 node.input[k] = renames[inp]
 
 
+def check_and_write(m, path: Path):
+    """The checks every single-file CNN recipe makes of its export, then the write: all weights
+    inside the .onnx file, onnx's full check, BatchNorm folded away, and a dynamic first axis
+    named ``batch`` on every input and output. Returns the op-type counts."""
+    from collections import Counter
+
+    import onnx
+    for init in m.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL or init.external_data:
+            raise RuntimeError(f"initializer {init.name} uses external data")
+    onnx.checker.check_model(m, full_check=True)
+    op_types = Counter(n.op_type for n in m.graph.node)
+    if "BatchNormalization" in op_types:
+        raise RuntimeError(f"BatchNormalization was not folded: {dict(op_types)}")
+    for vi in list(m.graph.input) + list(m.graph.output):
+        dim0 = vi.type.tensor_type.shape.dim[0]
+        if dim0.dim_param != "batch":
+            raise RuntimeError(f"{vi.name}: first dim is {dim0} (expected dim_param 'batch')")
+    path.write_bytes(m.SerializeToString())
+    return op_types
+
+
 def print_outputs(out: Path, t_start: float, names=("model.onnx", "calib.npz", "eval.npz")) -> None:
     """Each output file's size, then the recipe's wall time since ``t_start`` (perf_counter)."""
     for name in names:

@@ -44,7 +44,6 @@ import random
 import sys
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from recipe_common import print_outputs, tidy_initializer_names  # noqa: E402
+from recipe_common import check_and_write, print_outputs, tidy_initializer_names  # noqa: E402
 import task as det_task  # noqa: E402  (NMS, F1: the same code qtool's task hook runs)
 
 SIZE = 96
@@ -412,18 +411,7 @@ def export_onnx(model, path: Path, torch):
     tidy_initializer_names(m.graph)
     m.doc_string = ("qtool sample: YOLO-style detector (fp32); input images [batch,3,96,96] in [0,1]; "
                     "output0 [batch,7,144] = cx,cy,w,h (px), sigmoid scores circle,rectangle,triangle")
-    for init in m.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL or init.external_data:
-            raise RuntimeError(f"initializer {init.name} uses external data")
-    onnx.checker.check_model(m, full_check=True)
-    op_types = Counter(n.op_type for n in m.graph.node)
-    if "BatchNormalization" in op_types:
-        raise RuntimeError(f"BatchNormalization was not folded: {dict(op_types)}")
-    for vi in list(m.graph.input) + list(m.graph.output):
-        dim0 = vi.type.tensor_type.shape.dim[0]
-        if dim0.dim_param != "batch":
-            raise RuntimeError(f"{vi.name}: first dim is {dim0} (expected dim_param 'batch')")
-    path.write_bytes(m.SerializeToString())
+    op_types = check_and_write(m, path)
     return m, op_types
 
 

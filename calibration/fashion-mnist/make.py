@@ -27,13 +27,13 @@ import random
 import sys
 import time
 import warnings
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipe_common import print_outputs, tidy_initializer_names  # noqa: E402
+from recipe_common import check_and_write, print_outputs, tidy_initializer_names  # noqa: E402
 
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -181,20 +181,7 @@ def export_onnx(model, path: Path, torch):
     m.producer_name = m.producer_name or "pytorch"
     tidy_initializer_names(m.graph)
     m.doc_string = "qtool sample: Fashion-MNIST CNN (fp32); input = (pixel/255 - 0.2860) / 0.3530"
-    # Everything must live inside the single .onnx file.
-    for init in m.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL or init.external_data:
-            raise RuntimeError(f"initializer {init.name} uses external data")
-    onnx.checker.check_model(m, full_check=True)
-    op_types = Counter(n.op_type for n in m.graph.node)
-    if "BatchNormalization" in op_types:
-        raise RuntimeError(f"BatchNormalization was not folded: {dict(op_types)}")
-    # Dynamic batch axis named "batch" on input and output.
-    for vi in list(m.graph.input) + list(m.graph.output):
-        dim0 = vi.type.tensor_type.shape.dim[0]
-        if dim0.dim_param != "batch":
-            raise RuntimeError(f"{vi.name}: first dim is {dim0} (expected dim_param 'batch')")
-    path.write_bytes(m.SerializeToString())
+    op_types = check_and_write(m, path)
     return m, op_types
 
 
