@@ -58,6 +58,15 @@ def check_and_write(m, path: Path):
     return op_types
 
 
+def ort_session(path: Path):
+    """An onnxruntime CPU session pinned to 2 threads, to check an export against torch."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def print_outputs(out: Path, t_start: float, names=("model.onnx", "calib.npz", "eval.npz")) -> None:
     """Each output file's size, then the recipe's wall time since ``t_start`` (perf_counter)."""
     for name in names:

@@ -51,7 +51,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from recipe_common import check_and_write, print_outputs, tidy_initializer_names  # noqa: E402
+from recipe_common import check_and_write, ort_session, print_outputs, tidy_initializer_names  # noqa: E402
 import task as det_task  # noqa: E402  (NMS, F1: the same code qtool's task hook runs)
 
 SIZE = 96
@@ -450,7 +450,6 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     photos = load_photos()  # exits 2 without scikit-image
 
-    import onnxruntime as ort
     import torch
 
     seed_everything(args.seed, torch)
@@ -488,10 +487,7 @@ def main(argv=None) -> int:
     _, op_types = export_onnx(model, model_path, torch)
     print("onnx ops:", ", ".join(f"{k} x{v}" for k, v in op_types.items()))
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model_path)
     out_ort = run_ort(sess, x_eval)
     model.eval()
     with torch.no_grad():

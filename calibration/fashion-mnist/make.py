@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from recipe_common import check_and_write, print_outputs, tidy_initializer_names  # noqa: E402
+from recipe_common import check_and_write, ort_session, print_outputs, tidy_initializer_names  # noqa: E402
 
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -206,7 +206,6 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     data = load_fashion_mnist(args.data_dir)  # exits 2 if the package is missing
 
-    import onnxruntime as ort
     import torch
 
     seed_everything(args.seed, torch)
@@ -236,10 +235,7 @@ def main(argv=None) -> int:
     _, op_types = export_onnx(model, model_path, torch)
     print("onnx ops:", ", ".join(f"{k} x{v}" for k, v in op_types.items()))
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model_path)
     logits_ort = ort_logits(sess, x_test)
     model.eval()
     with torch.no_grad():
