@@ -22,6 +22,7 @@ from .data import Dataset, InputSpec, check_against_model
 from .errors import DataError, ModelError, QtoolError, TableError
 from .plans import Plan
 from .prepare import Prepared, prepare
+from .types import Precision
 
 
 def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None):
@@ -256,20 +257,23 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
 
 def _apply(the_plan: Plan, model):
     """Rewrite each subgraph with its own plan, then the main graph."""
+    from .rewrite import half_nodes
     rewriter = _rewriter(the_plan)
-    if any(sub.quantized_nodes() for sub in the_plan.subgraphs.values()):
+
+    def changes(sub: Plan) -> bool:
+        return bool(sub.quantized_nodes() or half_nodes.half_nodes(sub))
+    if any(changes(sub) for sub in the_plan.subgraphs.values()):
         import onnx
         from .subgraphs import all_names, bodies, lift, put_back
         m = onnx.ModelProto()
         m.CopyFrom(model)
         used = all_names(m)
         planned = [(b, the_plan.subgraphs[b.key]) for b in bodies(model)
-                   if b.key in the_plan.subgraphs and the_plan.subgraphs[b.key].quantized_nodes()]
+                   if b.key in the_plan.subgraphs and changes(the_plan.subgraphs[b.key])]
         lifted = {b.key: lift(model, b) for b, _ in planned}  # all from the model the plans were made on
         for b, sub in planned:
-            put_back(m, b, rewriter.apply(lifted[b.key], sub), used)
+            put_back(m, b, half_nodes.apply(rewriter.apply(lifted[b.key], sub), sub), used)
         model = m
-    from .rewrite import half_nodes
     return half_nodes.apply(rewriter.apply(model, the_plan), the_plan)
 
 
@@ -296,7 +300,7 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
         table = _calibrate_prepared(p, data, calibrate_options, options, on_batch, facts=facts)
     table = _load_table(table, p, options)
     the_plan = _resolved_plan(p, options, table, method, facts)
-    if not the_plan.all_quantized_nodes():
+    if not the_plan.all_quantized_nodes() and not any(n.precision is Precision.FP16 for n in the_plan.all_nodes()):
         reasons = dict.fromkeys(f"{n.op_type}: {n.reason}" for n in the_plan.all_nodes())
         raise QtoolError("nothing to quantize, every node stays float (" + "; ".join(list(reasons)[:3])
                          + ("; ..." if len(reasons) > 3 else "") + ")")

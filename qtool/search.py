@@ -73,7 +73,7 @@ class Step:
     passed: bool
     int8_mac_share: float
     speed: Speedup | None = None
-    float_ranked: int = 0           # ranked nodes actually float (the planner keeps some neighbours float)
+    float_ranked: int = 0           # ranked nodes not at 8 bits (the planner keeps some neighbours float)
     extra: tuple[str, ...] = ()     # further --precision overrides of this candidate (int8 float patterns)
     plan: Plan | None = field(default=None, repr=False, compare=False)
 
@@ -219,7 +219,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     total_macs = sum(macs.values()) or 1
     gates = sopts.accuracy_gates
     trail: list[Step] = []
-    cache: dict[frozenset, Step] = {}  # by the nodes actually float, and by what was asked
+    cache: dict[frozenset, Step] = {}  # by every node's precision, and by what was asked
     op_types = {(n.name or f"{n.op_type}({n.output[0]})"): n.op_type for n in prepared.model.graph.node}
 
     def build(nodes, extra=()) -> tuple[Plan, onnx.ModelProto]:
@@ -232,15 +232,17 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         if asked in cache:
             return cache[asked]
         plan, m = build(nodes, extra)
-        actual = frozenset(n.name for n in plan.nodes if not n.quantized)  # the planner may keep neighbours float
+        # what the planner made of it (it may keep neighbours float): every node's precision
+        actual = frozenset((n.name, n.precision.label) for n in plan.nodes)
         if actual in cache:
             cache[asked] = cache[actual]
             return cache[actual]
         report = ref.judge(m, gates)
-        share = sum(macs.get(n.name, 0) for n in plan.quantized_nodes()) / total_macs
+        share = sum(macs.get(n.name, 0) for n in plan.nodes if n.precision.bits == 8) / total_macs
+        moved = {n.name for n in plan.nodes if n.precision.bits != 8} & ranked
         speed = ref.speed(ref.last_session, sopts.timing_pairs) if sopts.speed else None
         step = Step(len(trail) + 1, what, tuple(nodes), report.gates, report.passed, share, speed,
-                    len(actual & ranked), tuple(extra), plan)
+                    len(moved), tuple(extra), plan)
         trail.append(step)
         cache[actual] = cache[asked] = step
         log(step.line())
@@ -331,6 +333,8 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
             notes.append(f"the quantized model is slower than fp32 here: {final.speed.median:.2f}x (p10-p90 "
                          f"{final.speed.p10:.2f}-{final.speed.p90:.2f}) at batch 1")
     plan = _with_reasons(final.plan, reasons)
+    if not options.precision:  # the note would be about the search's own overrides, not the user's
+        plan = replace(plan, notes=tuple(n for n in plan.notes if not n.startswith("--precision not applied")))
     return SearchResult(plan, passed, tuple(trail), len(trail), time.perf_counter() - started,
                         tuple(ranking), final, tuple(notes))
 
@@ -369,6 +373,8 @@ def _speed_phase(prepared, ref, nodes, final, build, evaluate, sopts, log, allow
         step = evaluate(cur, f"{len(patterns)} float-pattern nodes int8", trial_extra)
         if step.passed and step.speed is not None and step.speed.median > best.speed.median:
             for n in patterns:
+                if not step.plan.node(n.name).quantized:
+                    continue  # the planner still keeps it float (e.g. after a float Conv)
                 why[n.name] = (f"{act}: quantized although a {n.reason.split('part of a ')[1].split(' pattern')[0]} "
                                f"pattern (fewer Q/DQ boundaries): measured {best.speed.median:.2f}x -> "
                                f"{step.speed.median:.2f}x fp32's speed with the gates holding")
@@ -381,14 +387,15 @@ def _speed_phase(prepared, ref, nodes, final, build, evaluate, sopts, log, allow
         plan, model = build(cur, extra)
         costs = node_costs(prepared.model, model, plan, ref.feed1, provider, sopts.threads or 2)
         moved = {}
+        done = set(cur) | {e.rsplit("=", 1)[0] for e in extra}
         for c in slower_groups(costs, include_float=True):
-            if c.quantized and c.node not in cur:
+            if c.quantized and c.node not in done:
                 moved[c.node] = (f"fp32: its int8 group measured {c.int8_ms:.3f} ms vs {c.float_ms:.3f} ms float "
                                  f"at batch 1 ({c.detail})")
             elif not c.quantized and any(f"{c.op_type}[{t}]" in c.detail for t in ("uint8", "int8")):
                 # a float node run on integers: onnxruntime moved a quantized reader's Q above it
                 for reader in _quantized_readers(prepared.model, plan, c.node):
-                    if reader not in cur:
+                    if reader not in done:
                         moved.setdefault(reader, f"fp32: onnxruntime moved its input's QuantizeLinear above the float "
                                                  f"{c.node}, which then ran at {c.int8_ms:.3f} ms instead of "
                                                  f"{c.float_ms:.3f} ms at batch 1 ({c.detail})")
@@ -398,7 +405,7 @@ def _speed_phase(prepared, ref, nodes, final, build, evaluate, sopts, log, allow
         log("profile: slower than in fp32: " + "; ".join(f"{n}: {r.split(' at batch 1')[0].removeprefix('fp32: ')}"
                                                         for n, r in moved.items()))
         why.update(moved)
-        cur = cur + list(moved)
+        extra = extra + tuple(f"{n}=fp32" for n in moved)  # fp32 whatever the accuracy fallback is
         step = evaluate(cur, f"{len(moved)} slower int8 groups fp32", extra)
         if not step.passed:
             log("a gate fails without them: stop")
@@ -409,7 +416,7 @@ def _speed_phase(prepared, ref, nodes, final, build, evaluate, sopts, log, allow
         if why:
             log("kept the plan before the speed rounds: none was faster")
         return nodes, final, {}
-    chosen = set(best.fallback) | {e.split("=")[0] for e in best.extra}
+    chosen = set(best.fallback) | {e.rsplit("=", 1)[0] for e in best.extra}
     reasons = {n: f"{why[n]}; the model runs at {best.speed.median:.2f}x fp32's speed (was {final.speed.median:.2f}x)"
                if not why[n].startswith(("uint8", "int8")) else why[n] for n in chosen if n in why}
     return list(best.fallback), best, reasons

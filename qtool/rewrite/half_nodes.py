@@ -57,7 +57,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                     half_inits[t] = names.fresh(f"{t}_fp16")
                     out.graph.initializer.append(numpy_helper.from_array(value, half_inits[t]))
                 node.input[i] = half_inits[t]
-            elif t not in inits and view.elem_type(t) == FLOAT:
+            elif t not in inits and _is_float(view, t):
                 if t not in casts:
                     casts[t] = names.fresh(f"{t}_fp16")
                     body.append(helper.make_node("Cast", [t], [casts[t]], to=HALF, name=names.fresh(f"{t}_to_fp16")))
@@ -73,7 +73,30 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(body)
     _drop_stale_value_info(out, wanted_outputs={n for n in body for n in n.output})
+    _drop_unread(out, set(half_inits))
     return out
+
+
+def _is_float(view: GraphView, tensor: str) -> bool:
+    """A float32 activation; a DequantizeLinear's output (a shared weight another node reads
+    quantized) has no recorded type but is float32."""
+    elem = view.elem_type(tensor)
+    if elem is None:
+        producer = view.producer.get(tensor)
+        return producer is not None and producer.op_type == "DequantizeLinear"
+    return elem == FLOAT
+
+
+def _drop_unread(model: onnx.ModelProto, originals: set[str]) -> None:
+    """The float32 originals of fp16 copies that nothing reads any more (subgraphs included)."""
+    from ..graph import reads_of
+    from .qdq import drop_stale_inputs
+    used = reads_of(list(model.graph.node)) | {o.name for o in model.graph.output}
+    gone = {t.name for t in model.graph.initializer if t.name in originals and t.name not in used}
+    keep = [t for t in model.graph.initializer if t.name not in gone]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    drop_stale_inputs(model.graph, gone)
 
 
 def _drop_stale_value_info(model: onnx.ModelProto, wanted_outputs: set[str]) -> None:
