@@ -126,6 +126,7 @@ def run_one(name: str, spec: dict, out: Path) -> None:
         return
     plan = json.loads((out / "plan.json").read_text())
     moved = set(trail["final"]["fallback"]) if trail else set()
+    moved |= {o.rsplit("=", 1)[0] for o in (trail or {}).get("final", {}).get("overrides", []) if o.endswith("=fp32")}
     float_ops = {n["op_type"] for n in plan["nodes"] if n["name"] in moved}
     ours = judge(spec, q, out, "search")
     base = out / "default.onnx"

@@ -98,7 +98,8 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         def step(s: Step) -> dict:
-            d = {"step": s.index, "what": s.what, "fallback": list(s.fallback), "passed": s.passed,
+            d = {"step": s.index, "what": s.what, "fallback": list(s.fallback), "overrides": list(s.extra),
+                 "passed": s.passed,
                  "int8_mac_share": s.int8_mac_share, "float_ranked": s.float_ranked,
                  "gates": [{"name": g.name, "value": g.value, "threshold": g.threshold, "passed": g.passed}
                            for g in s.gates]}
