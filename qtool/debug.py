@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .graph import GraphView
+from .graph import GraphView, node_name
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 DEBUG_FORMAT = "qtool.debug"
@@ -115,10 +115,6 @@ class Group:
     out_q: onnx.NodeProto | None       # the QuantizeLinear of ``output`` (None: a float output)
 
 
-def _name(node: onnx.NodeProto) -> str:
-    return node.name or f"{node.op_type}({node.output[0]})"
-
-
 #: Float activations onnxruntime fuses into the kernel before them (the group's output follows them).
 CHAIN_OPS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "HardSwish")
 #: Integer kernels with a float output (no QuantizeLinear after them): quantized all the same.
@@ -164,14 +160,14 @@ def groups(qmodel: onnx.ModelProto, reference_names: set[str],
         if why is None and float_tensors is not None and cur.output[0] not in float_tensors:
             why = f"its output {cur.output[0]!r} is not a float32 tensor"
         if why:
-            skipped.append(f"{_name(node)}: {why}")
+            skipped.append(f"{node_name(node)}: {why}")
             continue
         found.append(Group(node, tuple(chain), cur.output[0], out_q))
     for node in view.nodes:
         for a in node.attribute:
             if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) and any(
                     n.op_type == "DequantizeLinear" for g in ([a.g] if a.g.node else list(a.graphs)) for n in g.node):
-                skipped.append(f"{_name(node)}/{a.name}: nodes inside subgraphs are not measured")
+                skipped.append(f"{node_name(node)}/{a.name}: nodes inside subgraphs are not measured")
     return found, skipped
 
 
@@ -238,7 +234,7 @@ def isolated_model(reference: onnx.ModelProto, qmodel: onnx.ModelProto,
         def clone(node, inputs, outs):
             c = onnx.NodeProto()
             c.CopyFrom(node)
-            c.name = pre + _name(node)
+            c.name = pre + node_name(node)
             del c.input[:]
             c.input.extend(inputs)
             del c.output[:]
@@ -287,7 +283,7 @@ def isolated_model(reference: onnx.ModelProto, qmodel: onnx.ModelProto,
                                   name=pre + "iso_DequantizeLinear", domain=q.domain or None)
             out.graph.node.append(dq)
             last = pre + "iso"
-        outputs[_name(g.node)] = last
+        outputs[node_name(g.node)] = last
     return out, outputs
 
 
@@ -298,13 +294,13 @@ def exposed_model(qmodel: onnx.ModelProto, found: list[Group]) -> tuple[onnx.Mod
     outputs = {}
     for k, g in enumerate(found):
         if g.out_q is None:
-            outputs[_name(g.node)] = g.output
+            outputs[node_name(g.node)] = g.output
             continue
         q = g.out_q
         name = f"{PREFIX}/acc/{k}"
         out.graph.node.append(helper.make_node("DequantizeLinear", [q.output[0]] + list(q.input[1:]), [name],
                                                name=name + "_DequantizeLinear", domain=q.domain or None))
-        outputs[_name(g.node)] = name
+        outputs[node_name(g.node)] = name
     return out, outputs
 
 
@@ -370,7 +366,7 @@ def output_sensitivity(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batc
     tensors = list(dict.fromkeys(g.output for g in found if g.output not in outputs))
     iso_model, iso = isolated_model(reference, qmodel, found)
     pert, deltas = perturbed_model(reference, tensors)
-    fetch_iso = list(dict.fromkeys(g.output for g in found)) + [iso[_name(g.node)] for g in found]
+    fetch_iso = list(dict.fromkeys(g.output for g in found)) + [iso[node_name(g.node)] for g in found]
     try:
         sess_i = runtime.session(augment(iso_model, fetch_iso), threads=threads)
         sess_p = runtime.session(pert, threads=threads)
@@ -395,7 +391,7 @@ def output_sensitivity(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batc
             out = runtime.run(sess_p, {**feeds, **zeros, d: err}, names)
             noise[k] += sum(float(((o.astype(np.float64) - r) ** 2).sum()) for o, r in zip(out, ref))
         values = fp32 = errors = zeros = None
-    return {_name(g.node): _Error.db(signal, noise[k]) for k, g in enumerate(found)}
+    return {node_name(g.node): _Error.db(signal, noise[k]) for k, g in enumerate(found)}
 
 
 # --- streaming statistics -------------------------------------------------------------------
@@ -521,7 +517,7 @@ def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterab
             if params and n.input[0] not in ranges:
                 s, zp, qmin, qmax = params
                 ranges[n.input[0]] = _Range((qmin - zp) * s, (qmax - zp) * s, qmin, qmax, s, zp)
-    names = [_name(g.node) for g in found]
+    names = [node_name(g.node) for g in found]
     ref_fetch = list(dict.fromkeys([g.output for g in found] + list(ranges)))
     iso_fetch = [iso_out[n] for n in names]
     acc_fetch = [acc_out[n] for n in names]

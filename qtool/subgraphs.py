@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphView, infer_shapes
+from .graph import GraphView, infer_shapes, node_name
 from .rewrite.names import fresh as _fresh
 
 BODY_ATTRS = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
@@ -198,13 +198,13 @@ def expose(model: onnx.ModelProto, wanted: dict[str, list[str]]) -> tuple[onnx.M
     by_node: dict[str, list[Body]] = {}
     for b in bodies(m):
         by_node.setdefault(b.node, []).append(b)
-    for node_name, node_bodies in by_node.items():
-        node = view.by_name[node_name]
+    for holder, node_bodies in by_node.items():
+        node = view.by_name[holder]
         names = [t for b in node_bodies for t in wanted.get(b.key, []) if t not in exposed]
         if not names:
             continue
         names = list(dict.fromkeys(names))
-        outer = {node_name: [_fresh(used, f"{EXPOSED_PREFIX}{t}") for t in names]}[node_name]
+        outer = {holder: [_fresh(used, f"{EXPOSED_PREFIX}{t}") for t in names]}[holder]
         for b in node_bodies:
             g = next(a.g for a in node.attribute if a.name == b.attr)
             defined = _local_names(g)
@@ -239,7 +239,7 @@ def node_keys(model: onnx.ModelProto) -> frozenset[str]:
 
     def walk(g):
         for n in g.node:
-            keys.add(n.name or f"{n.op_type}({n.output[0]})")
+            keys.add(node_name(n))
             keys.add(n.op_type)
             for a in n.attribute:
                 for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):

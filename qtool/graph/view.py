@@ -94,6 +94,11 @@ def reads_of(nodes) -> set[str]:
     return {i for n in nodes for i in list(n.input) + sorted(subgraph_reads(n)) if i}
 
 
+def node_name(node: onnx.NodeProto) -> str:
+    """A node's name, or its op type and first output when it has none (the plan's key)."""
+    return node.name or f"{node.op_type}({node.output[0]})"
+
+
 class GraphView:
     """Lookup tables over ``model.graph`` (the main graph; subgraphs are opaque)."""
 
@@ -140,7 +145,7 @@ class GraphView:
         return {o.name for o in self.graph.output}
 
     def node_name(self, node: onnx.NodeProto) -> str:
-        return node.name or f"{node.op_type}({node.output[0]})"
+        return node_name(node)
 
     def is_initializer(self, name: str) -> bool:
         return name in self.initializers
