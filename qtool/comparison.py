@@ -28,6 +28,67 @@ def fixed_batch(sess) -> int | None:
     return None
 
 
+class Comparison:
+    """Two models' outputs on the same batches, folded in one batch at a time: per-output error
+    statistics, accuracy against ``labels`` (read from the first classifier-shaped output, see
+    ``evaluation.is_classifier_output``) and the task's rows. ``labels_given``: the labels were
+    asked for (--labels), so a model without a classifier-shaped output is an error, else a note.
+    ``qtool eval`` and the search's candidates (against cached fp32 outputs) both use it."""
+
+    def __init__(self, names: list[str], labels: np.ndarray | None, task=None, labels_given: bool = True):
+        self.names, self.labels, self.task, self.labels_given = names, labels, task, labels_given
+        self.stats = {n: OutputStats(n) for n in names}
+        self.correct_r = self.correct_c = self.seen = 0
+        self.head = None  # index of the output accuracy is read from
+        self.rows_r, self.rows_c = [], []
+        self.notes: list[str] = []
+
+    def update(self, batch: dict, out_r: list, out_c: list, n: int) -> None:
+        """One batch of ``n`` samples (counted on the inputs: an output may be a scalar or not batch-major)."""
+        names = self.names
+        for name, a, b in zip(names, out_r, out_c):
+            self.stats[name].update(a, b, n)
+        if self.task is not None:
+            self.rows_r.append(self.task.rows(dict(zip(names, out_r)), batch))
+            self.rows_c.append(self.task.rows(dict(zip(names, out_c)), batch))
+        if self.labels is not None and self.head is None:
+            self.head = next((i for i, (name, a) in enumerate(zip(names, out_r))
+                              if is_classifier_output(name, a) and len(a) == n), -1)
+            if self.head < 0:
+                shapes = ", ".join(f"{name} {list(a.shape)} {a.dtype}" for name, a in zip(names, out_r))
+                if self.labels_given:
+                    raise DataError(f"labels need a classifier-shaped output (float [batch, classes>=2] or "
+                                    f"[batch, 1, classes]) and the model has none ({shapes}); drop --labels, "
+                                    "or gate with --task")
+                self.notes.append(f"the data's labels were not used: no classifier-shaped output ({shapes})")
+                self.labels = None
+        if self.labels is not None:
+            y = self.labels[self.seen:self.seen + n]
+            scores_r, scores_c = class_scores(out_r[self.head]), class_scores(out_c[self.head])
+            classes = scores_r.shape[1]
+            if y.size and y.max() >= classes:
+                raise DataError(f"label {int(y.max())} is outside the model's {classes} classes "
+                                f"(output {names[self.head]!r}); give labels 0..{classes - 1}")
+            self.correct_r += int((scores_r.argmax(1) == y).sum())
+            self.correct_c += int((scores_c.argmax(1) == y).sum())
+        self.seen += n
+
+    def fields(self) -> dict:
+        """The Report fields these batches give: samples, outputs, accuracies and the task's scores."""
+        d = {"samples": self.seen, "outputs": tuple(s.result() for s in self.stats.values())}
+        if self.labels is not None:
+            d.update(accuracy_reference=self.correct_r / self.seen, accuracy_candidate=self.correct_c / self.seen)
+        if self.task is not None:
+            d["task"] = self.task.name
+            d["task_reference"], d["task_candidate"] = self.task.evaluate(self.rows_r, self.rows_c)
+        return d
+
+
+def samples_in(feeds: dict) -> int:
+    """A batch's number of samples, counted on its inputs."""
+    return len(next(iter(feeds.values()))) if feeds else 1
+
+
 def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, options: EvalOptions,
              limit: int | None, size_ref: int, size_cand: int, task=None,
              labels_given: bool = True) -> Report:
@@ -48,54 +109,16 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         notes.append(f"{choice.used} could not be created (missing CUDA/cuDNN libraries or no GPU); "
                      f"falling back to CPU: ran on {provider}")
     inputs = [i.name for i in sess_r.get_inputs()]
-    names = runtime.output_names(sess_r)
     batch_size = fixed_batch(sess_r) or options.batch_size
-    stats = {n: OutputStats(n) for n in names}
-    correct_r = correct_c = seen = 0
+    comparison = Comparison(runtime.output_names(sess_r), labels, task, labels_given)
     first = None
-    head = None  # index of the output accuracy is read from
-    rows_r, rows_c = [], []
     for batch in ds.batches(batch_size, limit):
         feeds = {k: batch[k] for k in inputs}
         first = first or feeds
-        # samples are counted on the inputs: an output may be a scalar or not batch-major
-        n = len(next(iter(feeds.values()))) if feeds else 1
-        out_r = runtime.run(sess_r, feeds)
-        out_c = runtime.run(sess_c, feeds)
-        for name, a, b in zip(names, out_r, out_c):
-            stats[name].update(a, b, n)
-        if task is not None:
-            rows_r.append(task.rows(dict(zip(names, out_r)), batch))
-            rows_c.append(task.rows(dict(zip(names, out_c)), batch))
-        if labels is not None:
-            if head is None:
-                head = next((i for i, (name, a) in enumerate(zip(names, out_r))
-                             if is_classifier_output(name, a) and len(a) == n), -1)
-                if head < 0:
-                    shapes = ", ".join(f"{name} {list(a.shape)} {a.dtype}" for name, a in zip(names, out_r))
-                    if labels_given:
-                        raise DataError(f"labels need a classifier-shaped output (float [batch, classes>=2] or "
-                                        f"[batch, 1, classes]) and the model has none ({shapes}); drop --labels, "
-                                        "or gate with --task")
-                    notes.append(f"the data's labels were not used: no classifier-shaped output ({shapes})")
-                    labels = None
-        if labels is not None:
-            y = labels[seen:seen + n]
-            scores_r, scores_c = class_scores(out_r[head]), class_scores(out_c[head])
-            classes = scores_r.shape[1]
-            if y.size and y.max() >= classes:
-                raise DataError(f"label {int(y.max())} is outside the model's {classes} classes "
-                                f"(output {names[head]!r}); give labels 0..{classes - 1}")
-            correct_r += int((scores_r.argmax(1) == y).sum())
-            correct_c += int((scores_c.argmax(1) == y).sum())
-        seen += n
+        comparison.update(batch, runtime.run(sess_r, feeds), runtime.run(sess_c, feeds), samples_in(feeds))
+    notes += comparison.notes
     lat_r, lat_c, ratios = runtime.time_pair(sess_r, sess_c, first, options.warmup, options.repeats)
-    batch = len(next(iter(first.values()))) if first else 1
-    acc_r = correct_r / seen if labels is not None else None
-    acc_c = correct_c / seen if labels is not None else None
-    task_scores = (None, None, None)
-    if task is not None:
-        task_scores = (task.name, *task.evaluate(rows_r, rows_c))
+    batch = samples_in(first) if first else 1
     kernels = []
     for path, size in ((reference, size_ref), (candidate, size_cand)):
         if size > KERNEL_COUNT_MAX_BYTES:
@@ -106,8 +129,8 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         kernels.append(counts)
         if note:
             notes.append(note)
-    return Report(str(reference), str(candidate), seen, provider, tuple(s.result() for s in stats.values()),
-                  size_ref, size_cand, Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),
-                  Latency(lat_c.median_ms, lat_c.p90_ms, lat_c.runs, batch), acc_r, acc_c,
-                  options.threads, (), tuple(notes), *task_scores, paired_speedup=Speedup.from_ratios(ratios),
-                  kernels_reference=kernels[0], kernels_candidate=kernels[1])
+    return Report(reference=str(reference), candidate=str(candidate), provider=provider, size_reference=size_ref,
+                  size_candidate=size_cand, latency_reference=Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),
+                  latency_candidate=Latency(lat_c.median_ms, lat_c.p90_ms, lat_c.runs, batch),
+                  threads=options.threads, notes=tuple(notes), paired_speedup=Speedup.from_ratios(ratios),
+                  kernels_reference=kernels[0], kernels_candidate=kernels[1], **comparison.fields())

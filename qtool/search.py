@@ -26,13 +26,14 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import numpy as np
 import onnx
 
 from . import runtime
 from .config import QuantizeOptions
-from .errors import DataError, InternalError, ModelError
-from .evaluation import Gate, OutputStats, Report, Speedup, Thresholds, class_scores, is_classifier_output, judge
+from .comparison import Comparison, samples_in
+from .errors import InternalError, ModelError
+from .evaluation import Gate, Report, Speedup, Thresholds, judge
+from .graph import node_name
 from .plans import Plan
 from .rules.movement import MOVEMENT_OPS
 
@@ -119,70 +120,43 @@ class SearchResult:
 
 
 class Reference:
-    """The fp32 model's outputs on the evaluation data, computed once and kept."""
+    """The fp32 model's outputs on the evaluation data, computed once and kept; candidates are
+    compared with them by ``qtool eval``'s own :class:`qtool.comparison.Comparison`."""
 
     def __init__(self, path, ds, labels, task, options: SearchOptions, batch_size: int | None = None):
-        self.ds, self.task, self.options = ds, task, options
+        self.ds, self.labels, self.task, self.options = ds, labels, task, options
         self.batch_size = batch_size or options.batch_size
-        sess = runtime.session(str(path), runtime.pick_provider(options.provider).used, options.threads)
-        self.inputs = [i.name for i in sess.get_inputs()]
-        self.names = runtime.output_names(sess)
-        self.outputs, self.rows = [], []
-        self.samples = 0
-        for batch in self._batches():
-            out = runtime.run(sess, {k: batch[k] for k in self.inputs})
-            self.outputs.append(out)
-            if task is not None:
-                self.rows.append(task.rows(dict(zip(self.names, out)), batch))
-            self.samples += len(batch[self.inputs[0]])
-        self.head = next((i for i, (n, a) in enumerate(zip(self.names, self.outputs[0]))
-                          if is_classifier_output(n, a)), None) if self.outputs else None
-        if labels is not None and self.head is None:
-            raise DataError("labels need a classifier-shaped output (float [batch, classes>=2]) and the model has "
-                            "none; drop --labels, or gate with --task")
-        self.labels = labels
-        self.correct = self._correct([out[self.head] for out in self.outputs]) if labels is not None else 0
+        self.session = runtime.session(str(path), runtime.pick_provider(options.provider).used, options.threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.names = runtime.output_names(self.session)
+        self.outputs = [runtime.run(self.session, {k: b[k] for k in self.inputs}) for b in self._batches()]
+        cached = iter(self.outputs)
+        self._compare(lambda feeds: next(cached))  # labels that do not fit the model fail here, not mid-search
         self.feed1 = {k: v[:1] for k, v in next(iter(self._batches())).items() if k in self.inputs}
-        self.session = sess
 
     def _batches(self):
         return self.ds.batches(self.batch_size, self.options.limit)
 
-    def _correct(self, heads: list[np.ndarray]) -> int:
-        y = self.labels[:self.samples]
-        pred = np.concatenate([class_scores(h).argmax(1) for h in heads])
-        return int((pred == y).sum())
+    def _compare(self, run: Callable[[dict], list]) -> dict:
+        """Report fields of ``run`` (a candidate's outputs for one batch's feeds) against the cached
+        outputs, streamed batch by batch."""
+        comparison = Comparison(self.names, self.labels, self.task)
+        for batch, ref in zip(self._batches(), self.outputs):
+            feeds = {k: batch[k] for k in self.inputs}
+            comparison.update(batch, ref, run(feeds), samples_in(feeds))
+        return comparison.fields()
 
-    def judge(self, model: onnx.ModelProto, gates: Thresholds) -> Report:
-        """Evaluate a candidate model (in memory) against the cached outputs."""
+    def judge(self, model: onnx.ModelProto, gates: Thresholds):
+        """Evaluate a candidate model (in memory) against the cached outputs: (report, its session)."""
         try:
             sess = runtime.session(model, runtime.pick_provider(self.options.provider).used, self.options.threads)
         except ModelError as exc:  # a candidate qtool wrote that onnxruntime cannot load: qtool's bug
             raise InternalError(f"internal error: a search candidate does not load ({exc}); please report it "
                                 "with the model") from None
-        stats = {n: OutputStats(n) for n in self.names}
-        rows, outs = [], []
-        for batch, ref in zip(self._batches(), self.outputs):
-            out = runtime.run(sess, {k: batch[k] for k in self.inputs})
-            for name, a, b in zip(self.names, ref, out):
-                stats[name].update(a, b)
-            if self.task is not None:
-                rows.append(self.task.rows(dict(zip(self.names, out)), batch))
-            if self.labels is not None:
-                outs.append(out[self.head])
-        extra = {}
-        if self.task is not None:
-            ref_score, cand_score = self.task.evaluate(self.rows, rows)
-            extra = dict(task=self.task.name, task_reference=ref_score, task_candidate=cand_score)
-        if self.labels is not None:
-            extra.update(accuracy_reference=self.correct / self.samples,
-                         accuracy_candidate=self._correct(outs) / self.samples)
-        report = Report(reference="fp32", candidate="candidate", samples=self.samples,
-                        provider=self.options.provider, outputs=tuple(s.result() for s in stats.values()),
-                        size_reference=0, size_candidate=0, latency_reference=None, latency_candidate=None,
-                        threads=self.options.threads, **extra)
-        self.last_session = sess
-        return judge(report, gates)
+        report = Report(reference="fp32", candidate="candidate", provider=self.options.provider, size_reference=0,
+                        size_candidate=0, latency_reference=None, latency_candidate=None,
+                        threads=self.options.threads, **self._compare(lambda feeds: runtime.run(sess, feeds)))
+        return judge(report, gates), sess
 
     def speed(self, sess, pairs: int) -> Speedup:
         """Paired, interleaved timing at batch 1: fp32 ms / candidate ms per pair."""
@@ -221,7 +195,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     gates = sopts.accuracy_gates
     trail: list[Step] = []
     cache: dict[frozenset, Step] = {}  # by every node's precision, and by what was asked
-    op_types = {(n.name or f"{n.op_type}({n.output[0]})"): n.op_type for n in prepared.model.graph.node}
+    op_types = {node_name(n): n.op_type for n in prepared.model.graph.node}
 
     def build(nodes, extra=()) -> tuple[Plan, onnx.ModelProto]:
         opts = replace(options, precision=tuple(options.precision) + tuple(extra))
@@ -238,10 +212,10 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         if actual in cache:
             cache[asked] = cache[actual]
             return cache[actual]
-        report = ref.judge(m, gates)
+        report, sess = ref.judge(m, gates)
         share = sum(macs.get(n.name, 0) for n in plan.nodes if n.precision.bits == 8) / total_macs
         moved = {n.name for n in plan.nodes if n.precision.bits != 8} & ranked
-        speed = ref.speed(ref.last_session, sopts.timing_pairs) if sopts.speed else None
+        speed = ref.speed(sess, sopts.timing_pairs) if sopts.speed else None
         step = Step(len(trail) + 1, what, tuple(nodes), report.gates, report.passed, share, speed,
                     len(moved), tuple(extra), plan)
         trail.append(step)
@@ -321,7 +295,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         reasons.update(extra)
         if final.speed is not None:
             # the verdict on speed is timed again, longer: 30 pairs choose between candidates, these decide
-            _, model = build(final.fallback, final.extra)
+            model = _candidate(api, final.plan, prepared)
             sess = runtime.session(model, runtime.pick_provider(sopts.provider).used, sopts.threads)
             final = replace(final, speed=ref.speed(sess, sopts.timing_pairs * 4))
             log(f"final timing: {final.speed.median:.2f}x fp32's speed (p10-p90 {final.speed.p10:.2f}-"
