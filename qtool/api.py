@@ -285,6 +285,8 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
         raise QtoolError("--mode dynamic quantizes activations at run time and uses no calibration: "
                          "drop --table/--data, or quantize in static mode")
     p = prepare(model, options.preprocess)
+    if options.recipe != "int8":
+        return _float_recipe_plan(p, table, data, options, calibrate_options), p, None
     facts = analyse(p.model, options)
     if options.mode == "dynamic":
         the_plan = _resolved_plan(p, options, None, None, facts)
@@ -307,6 +309,25 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
     return the_plan, p, table
 
 
+def _float_recipe_plan(p: Prepared, table, data, options: QuantizeOptions,
+                       calibrate_options: CalibrateOptions) -> Plan:
+    """--weights int4 (weight-only block-wise MatMulNBits) and/or fp16: no activation ranges; data
+    only for what measures (gptq's activations, fp16's keep list)."""
+    if table is not None:
+        raise QtoolError(f"--weights {options.recipe} uses no activation ranges: a calibration table cannot serve "
+                         "it (give --data for " + ("gptq's activations" if options.recipe == "int4" else
+                                                   "the measured fp32 keep list") + ", or neither)")
+    ds = open_data(data, p.model) if data is not None else None
+    the_plan = None
+    if options.recipe == "int4":
+        from .weight_only import plan_int4
+        the_plan = plan_int4(p, options, ds, calibrate_options)
+    if options.recipe == "fp16" or options.target == "cuda":
+        from .half_model import plan_half
+        the_plan = plan_half(p, options, the_plan, ds, calibrate_options)
+    return _tie(the_plan, p, options)
+
+
 def _saved_plan(model, plan) -> tuple[Plan, Prepared]:
     from .plan_check import check_plan, load_plan
     saved = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -315,10 +336,23 @@ def _saved_plan(model, plan) -> tuple[Plan, Prepared]:
     return saved, p
 
 
+class _FloatOnly:
+    """The rewriter of a plan that quantizes nothing (fp16 only: half_nodes does it all)."""
+
+    @staticmethod
+    def apply(model, the_plan: Plan):
+        return model
+
+
 def _rewriter(the_plan: Plan):
     from .rewrite import dynamic, qdq, qoperator
     if the_plan.mode == "dynamic":
         return dynamic
+    if the_plan.mode == "weight-only":
+        from .rewrite import nbits
+        return nbits
+    if the_plan.mode == "fp16":
+        return _FloatOnly
     return qoperator if the_plan.format == "qoperator" else qdq
 
 

@@ -83,6 +83,15 @@ def gate_options(fn):
     return fn
 
 
+TARGET_HELP = ("Where the model will run: cpu (onnxruntime's CPU EP, default), cuda (its CUDA EP: int8 QDQ is "
+               "fake-quantized there, fp16 and int4 weights are the fast paths), trt (its TensorRT EP: int8 Q/DQ "
+               "placed the way TensorRT builds its engine).")
+
+
+def target_option(fn):
+    return click.option("--target", type=click.Choice(["cpu", "cuda", "trt"]), default=None, help=TARGET_HELP)(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qtool", message="qtool %(version)s")
 def main():
@@ -202,6 +211,22 @@ def _merge(paths, model, output):
 @click.option("--explain", is_flag=True, help="Print the plan: node, decision, reason.")
 @click.option("--save-plan", type=click.Path(), help="Also write the plan as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([quantize] and [calibrate]).")
+@target_option
+@click.option("--weights", type=click.Choice(["int8", "int4", "fp16"]), default=None,
+              help="The recipe. int8: integer kernels (default on cpu and trt); int4: weight-only block-wise 4-bit "
+                   "MatMul weights (MatMulNBits) and embedding tables, activations float (fp16 on cuda); fp16: the "
+                   "model in half precision, ops that need fp32 kept fp32 (default on cuda).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="int4: weights per scale along K (default 32).")
+@click.option("--int4-method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None,
+              help="int4 rounding: rtn (nearest, default), hqq (error-minimising, no data), gptq (error-minimising "
+                   "on the calibration data, needs --data).")
+@click.option("--int4-symmetric/--int4-asymmetric", default=None,
+              help="int4: zero point fixed at 8, or one per block (default asymmetric).")
+@click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OPTYPE",
+              help="fp16: keep these nodes or op types in fp32 (besides those kept by rule or measurement).")
+@click.option("--keep-io-types", type=bool, default=None, metavar="true|false",
+              help="fp16: keep the model's inputs and outputs fp32 (default true).")
 @click.option("--eval-data", type=click.Path(),
               help="Search: evaluate candidates on this data against fp32 and fall back the most sensitive nodes "
                    "until the gates hold (exit 1, nothing written, if they cannot).")
@@ -221,7 +246,8 @@ def _merge(paths, model, output):
 @click.option("--trail", "trail_path", type=click.Path(), help="Search: write the trail and ranking as JSON.")
 @handle_errors
 def quantize(model, output, table, data, method, mode, fmt, external_data, per_channel, activation_type, weight_type,
-             precision, exclude, plan_path, preprocess, explain, save_plan, preset, eval_data, labels, max_drop,
+             precision, exclude, plan_path, preprocess, explain, save_plan, preset, target, weights, block_size,
+             int4_method, int4_symmetric, keep_fp32, keep_io_types, eval_data, labels, max_drop,
              min_agreement, min_cosine, min_snr, min_speedup, task, max_task_drop, fallback, best_effort, speed,
              threads, max_evals, trail_path):
     """int8 quantization: static (QDQ or QOperator) or dynamic, or a saved plan applied."""
@@ -236,7 +262,10 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                                           ("--mode", mode), ("--format", fmt), ("--per-channel", per_channel),
                                           ("--activation-type", activation_type), ("--weight-type", weight_type),
                                           ("--precision", precision),
-                                          ("--exclude", exclude), ("--preprocess", preprocess))
+                                          ("--exclude", exclude), ("--preprocess", preprocess), ("--target", target),
+                                          ("--weights", weights), ("--block-size", block_size),
+                                          ("--int4-method", int4_method), ("--int4-symmetric", int4_symmetric),
+                                          ("--keep-fp32", keep_fp32), ("--keep-io-types", keep_io_types))
                  if value not in (None, ())]
         if given:
             raise QtoolError(f"--plan carries every decision; {given[0]} cannot be combined with it")
@@ -247,7 +276,11 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
     qopts = override(cfg.quantize, mode=mode, format=fmt, external_data=external_data, per_channel=per_channel,
                      activation_type=activation_type, weight_type=weight_type, preprocess=preprocess,
                      precision=tuple(cfg.quantize.precision) + tuple(precision) if precision else None,
-                     exclude=tuple(cfg.quantize.exclude) + tuple(exclude) if exclude else None)
+                     exclude=tuple(cfg.quantize.exclude) + tuple(exclude) if exclude else None,
+                     target=target, weights=weights, block_size=int(block_size) if block_size else None,
+                     int4_method=int4_method, int4_symmetric=int4_symmetric,
+                     keep_fp32=tuple(cfg.quantize.keep_fp32) + tuple(keep_fp32) if keep_fp32 else None,
+                     keep_io_types=keep_io_types)
     copts = override(cfg.calibrate, method=method)
     gates = dict(max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine, min_snr=min_snr,
                  min_speedup=min_speedup, max_task_drop=max_task_drop)
@@ -272,6 +305,10 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
     finally:
         if bar:
             bar.close()
+    if qopts.target == "cuda" and qopts.recipe == "int8":
+        click.echo("warning: --target cuda with int8: onnxruntime's CUDA EP has no integer Conv/MatMul kernels, so "
+                   "int8 Q/DQ runs as float between real Q/DQ kernels (slower than fp32); --weights fp16 or int4 are "
+                   "the fast paths there, --target trt for int8", err=True)
     if explain:
         click.echo(result.plan.explain())
     if save_plan:

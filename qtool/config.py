@@ -23,6 +23,10 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 ACTIVATION_TYPES = ("int8", "uint8")
 WEIGHT_TYPES = ("auto", "int8", "uint8")
 FORMATS = ("qdq", "qoperator")
+TARGETS = ("cpu", "cuda", "trt")
+WEIGHT_RECIPES = ("int8", "int4", "fp16")
+INT4_METHODS = ("rtn", "hqq", "gptq")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,16 @@ class QuantizeOptions:
     folding before planning (opset upgrade and shape inference always run).
     external_data: write weights to ``<output>.data`` (None: only when the
     model is too big for one protobuf, 2 GiB).
+    target: where the model runs (cpu, cuda: onnxruntime's CUDA EP, trt: its
+    TensorRT EP); it decides what is fast and so the recipe's default.
+    weights: the recipe. int8: integer kernels (static or dynamic, as
+    ``mode``); int4: weight-only block-wise 4-bit MatMul weights
+    (MatMulNBits) and embedding tables, activations float; fp16: the model in
+    half precision with the ops that need fp32 kept fp32 (``keep_fp32``, and
+    those measured to need it). None: fp16 on cuda, int8 elsewhere; on cuda,
+    int4 runs with fp16 activations. block_size, int4_method (rtn, hqq: data
+    free; gptq: needs calibration data) and int4_symmetric shape the int4
+    weights. keep_io_types: an fp16 model keeps fp32 inputs and outputs.
     """
 
     format: str = "qdq"
@@ -95,9 +109,33 @@ class QuantizeOptions:
     exclude: tuple[str, ...] = ()
     preprocess: bool = True
     external_data: bool | None = None
+    target: str = "cpu"
+    weights: str | None = None
+    block_size: int = 32
+    int4_method: str = "rtn"
+    int4_symmetric: bool = False
+    keep_fp32: tuple[str, ...] = ()
+    keep_io_types: bool = True
 
     def __post_init__(self):
         _choice("quantize.format", self.format, FORMATS)
+        _choice("quantize.target", self.target, TARGETS)
+        if self.weights is not None:
+            _choice("quantize.weights", self.weights, WEIGHT_RECIPES)
+        _choice("quantize.int4_method", self.int4_method, INT4_METHODS)
+        if self.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"quantize.block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
+                              f"got {self.block_size!r}")
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        if self.target == "trt" and self.format == "qoperator":
+            raise ConfigError("--target trt: TensorRT builds its int8 engine from Q/DQ pairs and reads no "
+                              "QOperator kernels (QLinearConv, ...); use --format qdq")
+        if self.target == "trt" and self.mode == "dynamic":
+            raise ConfigError("--target trt: TensorRT has no dynamic quantization; quantize in static mode "
+                              "(--table or --data)")
+        if self.recipe != "int8" and (self.mode == "dynamic" or self.format == "qoperator"):
+            raise ConfigError(f"--weights {self.recipe} quantizes no activations: --mode dynamic and --format "
+                              "qoperator are int8 choices")
         _choice("quantize.mode", self.mode, ("static", "dynamic"))
         _choice("quantize.activation_type", self.activation_type, ACTIVATION_TYPES)
         _choice("quantize.weight_type", self.weight_type, WEIGHT_TYPES)
@@ -107,6 +145,19 @@ class QuantizeOptions:
         wide = [key for key, p in overrides if p.bits == 16]
         if wide and (self.mode == "dynamic" or self.format == "qoperator"):
             raise ConfigError(f"16-bit activations ({wide[0]}) exist only as QDQ: use --format qdq in static mode")
+
+    @property
+    def recipe(self) -> str:
+        """``weights``, or the target's default: fp16 on cuda (int8 QDQ there is fake-quantized), int8 elsewhere."""
+        if self.weights is not None:
+            return self.weights
+        return "fp16" if self.target == "cuda" else "int8"
+
+    @property
+    def target_enum(self):
+        """``target`` as a :class:`qtool.types.Target`."""
+        from .types import Target
+        return Target.parse(self.target)
 
     @property
     def activation_precision(self):
@@ -157,7 +208,7 @@ class EvalOptions:
     def __post_init__(self):
         if self.min_speedup is not None and not self.min_speedup > 0:
             raise ConfigError(f"eval.min_speedup must be a positive number, got {self.min_speedup!r}")
-        _choice("eval.provider", self.provider, ("cpu", "cuda"))
+        _choice("eval.provider", self.provider, TARGETS)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.repeats", self.repeats)
         if self.threads is not None:

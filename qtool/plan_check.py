@@ -35,14 +35,19 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(f"{p}: {exc}") from None
 
 
+#: static/dynamic: int8 kernels; weight-only: int4 MatMulNBits weights (--weights int4); fp16: half precision only.
+PLAN_MODES = ("static", "dynamic", "weight-only", "fp16")
+
+
 def check_plan(plan: Plan, p: Prepared) -> None:
     """Raise PlanError unless ``plan`` was made for the prepared model and is self-consistent."""
     if plan.model_sha256 != p.sha256:
         raise PlanError("plan was made for another model (model_sha256 differs); plan this model again")
     if not plan.resolved:
         raise PlanError("plan holds decisions only (no scales): save it from `qtool quantize --save-plan`")
-    if plan.mode not in ("static", "dynamic") or plan.format not in ("qdq", "qoperator"):
-        raise PlanError(f"plan mode {plan.mode!r} / quant_format {plan.format!r}: expected static|dynamic, qdq|qoperator")
+    if plan.mode not in PLAN_MODES or plan.format not in ("qdq", "qoperator"):
+        raise PlanError(f"plan mode {plan.mode!r} / quant_format {plan.format!r}: expected "
+                        f"{'|'.join(PLAN_MODES)}, qdq|qoperator")
     _check_graph(plan, GraphView(p.model))
     from .subgraphs import bodies, lift
     keys = {b.key: b for b in bodies(p.model)}

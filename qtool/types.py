@@ -123,13 +123,23 @@ def axis_of(g: Granularity) -> int | None:
 
 
 class Target(Enum):
-    """Where the quantized model runs. cuda and trt come with the GPU path."""
+    """Where the quantized model runs: onnxruntime's execution provider, and the
+    providers a session lists behind it for the nodes it does not take."""
 
-    CPU = ("cpu", "onnxruntime's CPU EP")
+    CPU = ("cpu", "onnxruntime's CPU EP", ("CPUExecutionProvider",))
+    CUDA = ("cuda", "onnxruntime's CUDA EP", ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    TRT = ("trt", "onnxruntime's TensorRT EP",
+           ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
 
-    def __init__(self, label, ep):
+    def __init__(self, label, ep, providers):
         self.label = label
         self.ep = ep
+        self.providers = providers
+
+    @property
+    def provider(self) -> str:
+        """The execution provider this target means."""
+        return self.providers[0]
 
     @classmethod
     def parse(cls, name) -> "Target":
