@@ -422,7 +422,9 @@ def debug(reference, candidate, data, table, json_path, plot_path, top, batch_si
 @click.option("--from", "from_path", type=click.Path(), metavar="REPORT.json",
               help="Re-judge a report saved with --json against the gates given now (no inference).")
 @click.option("--labels", type=click.Path(), help="Integer labels (.npy); default: the data's 'labels' array.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None)
+@target_option
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "trt"]), default=None,
+              help="Same as --target (kept for older scripts).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch for metrics and timing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (pin when timing).")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
@@ -432,7 +434,7 @@ def debug(reference, candidate, data, table, json_path, plot_path, top, batch_si
 @click.option("--json", "json_path", type=click.Path(), help="Write the report (re-judged, with --from) as JSON.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset ([eval]).")
 @handle_errors
-def eval_cmd(reference, candidate, data, from_path, labels, provider, batch_size, threads, repeats, limit,
+def eval_cmd(reference, candidate, data, from_path, labels, target, provider, batch_size, threads, repeats, limit,
              max_drop, min_agreement, min_cosine, min_snr, min_speedup, task, max_task_drop, json_path, preset):
     """Accuracy, error, size, latency and kernels of two models side by side; gates for CI.
 
@@ -444,9 +446,12 @@ def eval_cmd(reference, candidate, data, from_path, labels, provider, batch_size
     from .errors import QtoolError
     from .evaluation import Thresholds, format_table, judge
     from .model import atomic_write_text, check_output_path
+    if target and provider and target != provider:
+        raise QtoolError(f"--target {target} and --provider {provider} disagree: give one")
+    provider = target or provider
     if from_path:
         given = [flag for flag, value in (("REFERENCE", reference), ("CANDIDATE", candidate), ("--data", data),
-                                          ("--labels", labels), ("--provider", provider),
+                                          ("--labels", labels), ("--target", provider),
                                           ("--batch-size", batch_size), ("--threads", threads),
                                           ("--repeats", repeats), ("--limit", limit), ("--task", task))
                  if value is not None]
@@ -467,9 +472,9 @@ def eval_cmd(reference, candidate, data, from_path, labels, provider, batch_size
         from . import api
         if json_path:
             check_output_path(json_path, reference, candidate, data, labels, opts.task, preset)
-        if opts.provider == "cuda":
+        if opts.provider != "cpu":
             from . import runtime
-            note = runtime.pick_provider("cuda").note
+            note = runtime.pick_provider(opts.provider).note
             if note:
                 click.echo(f"warning: {note}", err=True)
         report = api.evaluate(reference, candidate, data, labels, opts, limit)

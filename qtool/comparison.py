@@ -106,8 +106,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
     sess_c = runtime.session(str(candidate), choice.used, options.threads)
     provider = runtime.used_providers(sess_c)[0]
     if choice.used != provider:
-        notes.append(f"{choice.used} could not be created (missing CUDA/cuDNN libraries or no GPU); "
-                     f"falling back to CPU: ran on {provider}")
+        notes.append(f"{choice.used} could not be created for this model; ran on {provider}")
     inputs = [i.name for i in sess_r.get_inputs()]
     batch_size = fixed_batch(sess_r) or options.batch_size
     comparison = Comparison(runtime.output_names(sess_r), labels, task, labels_given)
@@ -129,7 +128,18 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         kernels.append(counts)
         if note:
             notes.append(note)
+    placement = [None, None]
+    if first is not None:
+        from .profile import node_placement
+        for i, (path, size) in enumerate(((reference, size_ref), (candidate, size_cand))):
+            if size <= KERNEL_COUNT_MAX_BYTES:  # a profiled session of its own: skipped with the kernel counts
+                placement[i] = node_placement(str(path), choice.used, first, options.threads)
+        off = {ep: ops for ep, ops in (placement[1] or {}).items() if ep != choice.used}
+        if off:
+            from .evaluation import describe_placement
+            notes.append(f"not every candidate kernel ran on {choice.used}: {describe_placement(off)}")
     return Report(reference=str(reference), candidate=str(candidate), provider=provider, size_reference=size_ref,
+                  target=choice.requested, placement_reference=placement[0], placement_candidate=placement[1],
                   size_candidate=size_cand, latency_reference=Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),
                   latency_candidate=Latency(lat_c.median_ms, lat_c.p90_ms, lat_c.runs, batch),
                   threads=options.threads, notes=tuple(notes), paired_speedup=Speedup.from_ratios(ratios),

@@ -278,6 +278,9 @@ class Report:
     kernels_candidate: Kernels | None = None
     warnings: tuple[str, ...] = ()
     format_version: int = REPORT_FORMAT_VERSION
+    target: str = "cpu"
+    placement_reference: dict | None = None
+    placement_candidate: dict | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -402,6 +405,26 @@ def load_report(path: str | Path) -> Report:
     return report
 
 
+def describe_placement(placed: dict) -> str:
+    """'CPUExecutionProvider 12 kernels (Conv 2, QLinearConv 10); ...', the EP with most kernels first."""
+    parts = []
+    for ep, ops in sorted(placed.items(), key=lambda kv: -sum(kv[1].values())):
+        top = sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{op} {n}" for op, n in top[:8]) + (", ..." if len(top) > 8 else "")
+        parts.append(f"{ep} {sum(ops.values())} kernels ({shown})")
+    return "; ".join(parts)
+
+
+def _check_placement(placed) -> None:
+    if placed is None:
+        return
+    if not isinstance(placed, dict) or not all(
+            isinstance(ep, str) and isinstance(ops, dict) and all(
+                isinstance(op, str) and isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for op, n in ops.items()) for ep, ops in placed.items()):
+        raise TypeError("placement must be an object of provider -> op type -> count")
+
+
 def _check_report(r: Report) -> None:
     """Raise TypeError/ValueError (a ReportError to the caller) for values no qtool eval writes."""
     def number(x, optional=True):
@@ -423,6 +446,10 @@ def _check_report(r: Report) -> None:
                              f"{a if getattr(r, a) is not None else b}")
     if r.task_reference is not None and (not isinstance(r.task, str) or not r.task):
         raise ValueError("task_reference/task_candidate need the task's name in \"task\"")
+    _check_placement(r.placement_reference)
+    _check_placement(r.placement_candidate)
+    if not isinstance(r.target, str):
+        raise TypeError(f"target must be a string, got {r.target!r}")
     number(r.size_reference, False)
     number(r.size_candidate, False)
     if r.size_reference <= 0:
@@ -577,6 +604,9 @@ def format_table(r: Report) -> str:
     for label, k in (("reference", r.kernels_reference), ("candidate", r.kernels_candidate)):
         if k is not None:
             lines.append(f"{label} {k.describe()}")
+    for label, placed in (("reference", r.placement_reference), ("candidate", r.placement_candidate)):
+        if placed:
+            lines.append(f"{label} ran on: {describe_placement(placed)}")
     lines.append("")
     lines.append(f"outputs ({r.samples} samples, provider {r.provider}"
                  + (f", {r.threads} threads" if r.threads else "") + "):")

@@ -310,7 +310,7 @@ class _Profiled:
         opts = runtime.session_options(threads, True, self.optimized_path, f"{tag}.optimized.onnx.data")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(folder, tag)
-        providers = runtime.provider_list(provider)
+        providers = runtime.provider_list(provider, model)
         if model_io.by_path(model):
             with model_io.temp_model_file(model) as path:
                 self.sess = runtime._session(str(path), opts, providers)
@@ -336,6 +336,28 @@ class _Profiled:
 
     def optimized(self) -> onnx.ModelProto:
         return onnx.load(self.optimized_path, load_external_data=False)
+
+
+def node_placement(model: onnx.ModelProto | str, provider: str, feeds: dict[str, np.ndarray],
+                   threads: int | None = None) -> dict[str, dict[str, int]]:
+    """Which EP ran each kernel of one run (onnxruntime's profile, after its optimisations and
+    fusions): provider -> op type -> number of kernels. Control-flow bodies count once per
+    kernel, not once per iteration."""
+    import tempfile
+    m = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
+    with tempfile.TemporaryDirectory(prefix="qtool-placement-") as folder:
+        prof = _Profiled(m, provider, threads or 1, folder, "placement")
+        prof.run(feeds)
+        kernels, _ = prof.events()
+    seen: dict[str, tuple[str, str]] = {}
+    for e in kernels:
+        args = e.get("args", {})
+        seen[e["name"][: -len("_kernel_time")]] = (str(args.get("provider", "?")), str(args.get("op_name", "?")))
+    out: dict[str, dict[str, int]] = {}
+    for ep, op in seen.values():
+        out.setdefault(ep, {})
+        out[ep][op] = out[ep].get(op, 0) + 1
+    return {ep: dict(sorted(ops.items())) for ep, ops in sorted(out.items())}
 
 
 def _dtype(event: dict) -> str:

@@ -15,11 +15,16 @@ from . import model as model_io
 from .errors import ModelError
 from .evaluation import Kernels, count_kernels
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+from .types import Target
+
+PROVIDERS = {t.label: t.provider for t in Target}
 
 
 @dataclass(frozen=True)
 class ProviderChoice:
+    """``requested``: the target's label; ``used``: the EP sessions are given first (the
+    target's own, or the CPU EP when it cannot be created); ``note``: why it fell back."""
+
     requested: str
     used: str
     note: str | None
@@ -29,20 +34,91 @@ def version() -> str:
     return ort.__version__
 
 
-def pick_provider(name: str) -> ProviderChoice:
-    """Map ``cpu``/``cuda`` to an EP; fall back to CPU with a note when CUDA is absent."""
-    if name == "cpu":
+def pick_provider(name: str | Target) -> ProviderChoice:
+    """The EP for a target (cpu, cuda, trt); the CPU EP, with a one-line note naming what is
+    missing, when onnxruntime cannot create the target's EP here."""
+    target = Target.parse(name.label if isinstance(name, Target) else name)
+    if target is Target.CPU:
         return ProviderChoice("cpu", PROVIDERS["cpu"], None)
-    if PROVIDERS["cuda"] in ort.get_available_providers():
-        return ProviderChoice("cuda", PROVIDERS["cuda"], None)
-    return ProviderChoice("cuda", PROVIDERS["cpu"],
-                          "CUDA execution provider not available in this onnxruntime; falling back to CPU")
+    why = unavailable(target.provider)
+    if why is None:
+        return ProviderChoice(target.label, target.provider, None)
+    return ProviderChoice(target.label, PROVIDERS["cpu"], f"{target.provider} unavailable ({why}); running on "
+                                                          "the CPU EP instead")
+
+
+_UNAVAILABLE: dict[str, str | None] = {}
+PROVIDER_LIBRARIES = {"CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+                      "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so"}
+
+
+def unavailable(provider: str) -> str | None:
+    """Why onnxruntime cannot run ``provider`` here, or None when it can (cached per process).
+
+    onnxruntime-gpu lists the CUDA and TensorRT EPs among its available providers whether or
+    not their libraries or a GPU exist, and a session silently falls back to the CPU EP. So:
+    the build must list it; its provider library must load (the dynamic loader names the
+    missing CUDA/cuDNN/TensorRT library); and a session on a one-node model must keep it."""
+    if provider not in _UNAVAILABLE:
+        _UNAVAILABLE[provider] = _probe(provider)
+    return _UNAVAILABLE[provider]
+
+
+def _probe(provider: str) -> str | None:
+    if provider not in ort.get_available_providers():
+        return f"this onnxruntime ({ort.__version__}) was built without it; install onnxruntime-gpu"
+    library = PROVIDER_LIBRARIES.get(provider)
+    if library:
+        missing = _load_library(os.path.join(os.path.dirname(ort.__file__), "capi", library))
+        if missing:
+            return missing
+    probe = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+        opset_imports=[onnx.helper.make_opsetid("", 13)])
+    probe.ir_version = 8
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), sess_options=session_options(),
+                                    providers=provider_list(provider))
+    except Exception as exc:
+        return f"onnxruntime could not create it: {' '.join(str(exc).split())[:160]}"
+    if provider not in sess.get_providers():
+        return "its library loads but onnxruntime could not create it (no usable GPU or driver)"
+    return None
+
+
+def _load_library(path: str) -> str | None:
+    """None when the shared library at ``path`` loads; else what the loader says is missing."""
+    import ctypes
+    if not os.path.exists(path):
+        return f"{os.path.basename(path)} is not part of this onnxruntime install"
+    try:
+        ctypes.CDLL(path)
+    except OSError as exc:
+        text = str(exc)
+        found = re.search(r"([\w.+-]+\.so[\w.]*): cannot open shared object file", text)
+        return f"missing library {found.group(1)}" if found else f"cannot load {os.path.basename(path)}: {text[:160]}"
+    return None
+
+
+def provider_options(provider: str, model=None) -> dict:
+    """Options an EP needs: the TensorRT EP builds an int8 engine from Q/DQ only with
+    trt_int8_enable (onnxruntime #13381)."""
+    if provider == PROVIDERS["trt"] and model is not None and _has_qdq(model):
+        return {"trt_int8_enable": "True"}
+    return {}
+
+
+def _has_qdq(model) -> bool:
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
 
 
 def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
             optimize: bool = True, optimized_path: str | None = None) -> ort.InferenceSession:
     opts = session_options(threads, optimize, optimized_path)
-    providers = provider_list(provider)
+    providers = provider_list(provider, model if provider == PROVIDERS["trt"] else None)
     if not isinstance(model, str) and model_io.by_path(model):
         # weights on disk or over 2 GiB: onnxruntime reads a temporary file beside the data
         folder = model_io.data_folder(model)
@@ -77,9 +153,13 @@ def session_options(threads: int | None = None, optimize: bool = True, optimized
     return opts
 
 
-def provider_list(provider: str) -> list[str]:
-    """``provider``, with the CPU EP behind any other for the nodes it does not take."""
-    return [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
+def provider_list(provider: str, model=None) -> list:
+    """``provider``, with the EPs behind it for the nodes it does not take (TensorRT: CUDA,
+    then CPU; CUDA: CPU); an entry is ``(name, options)`` where the EP needs options."""
+    target = next((t for t in Target if t.provider == provider), None)
+    chain = list(target.providers) if target is not None else [provider, PROVIDERS["cpu"]]
+    extra = provider_options(provider, model)
+    return [(chain[0], extra)] + chain[1:] if extra else chain
 
 
 def _session(source, opts, providers) -> ort.InferenceSession:

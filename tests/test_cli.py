@@ -188,6 +188,6 @@ def test_cuda_request_is_honest(cnn_files, tmp_path):
     r = invoke("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--repeats", 2, "--provider", "cuda")
     assert r.exit_code == 0, r.output
     assert "CUDA EP has no QDQ fusion" in r.output
-    import onnxruntime
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        assert "falling back to CPU" in r.output
+    from qtool import runtime
+    if runtime.unavailable("CUDAExecutionProvider"):
+        assert "running on the CPU EP instead" in r.output and "provider CPUExecutionProvider" in r.output

@@ -1,0 +1,159 @@
+"""Targets: which EP a session really gets, the fallback when the CUDA/TensorRT EP cannot be
+created, and which EP each kernel ran on."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+import models
+from qtool import runtime
+from qtool.cli import main
+from qtool.types import Target
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    runtime._UNAVAILABLE.clear()
+    yield
+    runtime._UNAVAILABLE.clear()
+
+
+def cuda_really_runs() -> bool:
+    """Independently of qtool's probe: does a session here keep the CUDA EP?"""
+    import onnx
+    from onnx import helper
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                                            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                                            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])]),
+                          opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), opts,
+                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:
+        return False
+    return "CUDAExecutionProvider" in sess.get_providers()
+
+
+def test_cpu_target_needs_no_probe():
+    choice = runtime.pick_provider("cpu")
+    assert choice.used == "CPUExecutionProvider" and choice.note is None
+    assert runtime._UNAVAILABLE == {}
+
+
+def test_cuda_choice_matches_what_a_session_really_gets():
+    """Fails if the fallback detection is removed: onnxruntime-gpu lists the CUDA EP among its
+    available providers even where its libraries or the GPU are missing."""
+    choice = runtime.pick_provider("cuda")
+    if cuda_really_runs():
+        assert choice.used == "CUDAExecutionProvider" and choice.note is None
+    else:
+        assert choice.used == "CPUExecutionProvider"
+        assert choice.note and "CUDAExecutionProvider unavailable" in choice.note and "\n" not in choice.note
+
+
+def test_provider_missing_from_the_build(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    choice = runtime.pick_provider("cuda")
+    assert choice.used == "CPUExecutionProvider"
+    assert "built without it" in choice.note and "onnxruntime-gpu" in choice.note
+
+
+def test_missing_library_is_named(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    import ctypes
+
+    def fake_cdll(path, *a, **k):
+        raise OSError("libcudnn.so.9: cannot open shared object file: No such file or directory")
+    monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
+    monkeypatch.setattr(runtime.os.path, "exists", lambda p: True)
+    choice = runtime.pick_provider(Target.CUDA)
+    assert choice.used == "CPUExecutionProvider"
+    assert "missing library libcudnn.so.9" in choice.note
+
+
+def test_library_loads_but_session_drops_the_provider(monkeypatch):
+    """A GPU-less machine with every library present: the session silently keeps only the CPU EP."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(runtime, "_load_library", lambda path: None)
+
+    class FakeSession:
+        def __init__(self, *a, **k):
+            pass
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    choice = runtime.pick_provider("cuda")
+    assert choice.used == "CPUExecutionProvider" and "could not create it" in choice.note
+
+
+def test_provider_chains():
+    assert runtime.provider_list("CPUExecutionProvider") == ["CPUExecutionProvider"]
+    assert runtime.provider_list("CUDAExecutionProvider") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.provider_list("TensorrtExecutionProvider") == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_trt_gets_int8_enabled_for_qdq_models_only(tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    qdq = helper.make_model(helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+                                              "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    plain = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    trt = "TensorrtExecutionProvider"
+    assert runtime.provider_list(trt, qdq)[0] == (trt, {"trt_int8_enable": "True"})
+    assert runtime.provider_list(trt, plain)[0] == trt
+    path = tmp_path / "qdq.onnx"
+    onnx.save(qdq, str(path))
+    assert runtime.provider_list(trt, str(path))[0] == (trt, {"trt_int8_enable": "True"})
+
+
+def test_placement_counts_every_kernel_on_its_provider():
+    from qtool.profile import node_placement
+    m = models.small_cnn()
+    feeds = {m.graph.input[0].name: np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)}
+    placed = node_placement(m, "CPUExecutionProvider", feeds)
+    assert list(placed) == ["CPUExecutionProvider"]
+    ops = placed["CPUExecutionProvider"]
+    assert ops.get("Conv", 0) + ops.get("FusedConv", 0) == 2  # both convolutions, fused with Relu or not
+    assert all(isinstance(n, int) and n > 0 for n in ops.values())
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_eval_reports_target_and_placement(cnn_files, tmp_path):
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", cnn_files["model"], "--table", cnn_files["table"], "-o", out)
+    assert r.exit_code == 0, r.output
+    report = tmp_path / "r.json"
+    r = cli("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--repeats", 2, "--target", "cuda",
+            "--json", report)
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    assert data["target"] == "cuda"
+    ran = data["placement_candidate"]
+    if not cuda_really_runs():
+        assert data["provider"] == "CPUExecutionProvider" and list(ran) == ["CPUExecutionProvider"]
+        assert "unavailable" in r.output and "running on the CPU EP" in r.output
+    # the int8 kernels onnxruntime fused are listed where they ran
+    assert any("QLinearConv" in ops or "QLinearMatMul" in ops or "QGemm" in ops for ops in ran.values())
+    assert "candidate ran on:" in r.output
+    # the saved report reads back, placement included
+    r2 = cli("eval", "--from", report)
+    assert r2.exit_code == 0 and "candidate ran on:" in r2.output
+    both = cli("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--target", "cpu", "--provider", "cuda")
+    assert both.exit_code == 2 and "disagree" in both.output
