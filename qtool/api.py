@@ -25,8 +25,9 @@ from .prepare import Prepared, prepare
 from .types import Precision
 
 
-def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None):
-    """Describe a model: IO, opsets, parameters, size, MACs, what would be quantized."""
+def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None, target: str | None = None):
+    """Describe a model: IO, opsets, parameters, size, MACs, what would be quantized; with
+    ``target`` (cpu, cuda, trt), what that EP would run for each node an int8 plan quantizes."""
     from .inspection import inspect_model
     from .planner import analyse, plan as make_plan
     p = prepare(model)
@@ -34,9 +35,14 @@ def inspect(model: str | Path, shapes: dict[str, tuple[int, ...]] | None = None)
     size = _size_on_disk(model, raw)
     from dataclasses import replace
     from .subgraphs import body_plans
-    facts, notes = analyse(p.model, QuantizeOptions())
-    the_plan = replace(make_plan(facts), subgraphs=body_plans(p.model, QuantizeOptions()))
-    return inspect_model(raw, str(model), size, the_plan, shapes, p.notes + notes, p.model)
+    options = QuantizeOptions(target=target or "cpu", weights="int8")
+    facts, notes = analyse(p.model, options)
+    the_plan = replace(make_plan(facts), subgraphs=body_plans(p.model, options))
+    on_target = None
+    if target is not None:
+        from .targets import on_target as node_targets
+        on_target = node_targets(the_plan, facts.view, options.target_enum)
+    return inspect_model(raw, str(model), size, the_plan, shapes, p.notes + notes, p.model, on_target)
 
 
 def _size_on_disk(path, m=None) -> int:

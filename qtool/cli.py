@@ -105,12 +105,14 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME:1x3x224x224",
               help="Concrete shape of an input for MAC counts (dynamic dims default to 1).")
+@target_option
 @handle_errors
-def inspect(model, as_json, shapes):
-    """Inputs, opsets, parameters, size, MACs and what can be quantized."""
+def inspect(model, as_json, shapes, target):
+    """Inputs, opsets, parameters, size, MACs and what can be quantized; with --target, what that EP
+    would run for each node (integer kernel, float between Q/DQ, MatMulNBits) and what to choose."""
     from . import api
     from .inspection import format_report
-    report = api.inspect(model, _parse_shapes(shapes))
+    report = api.inspect(model, _parse_shapes(shapes), target)
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else format_report(report))
 
 

@@ -36,9 +36,13 @@ class InspectReport:
     nodes: int
     blockers: tuple[str, ...]
     shapes_used: dict[str, tuple]
+    target: object = None  # qtool.targets.TargetReport with --target
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.target is None:
+            d.pop("target")
+        return d
 
     @property
     def total_macs(self) -> int:
@@ -149,7 +153,8 @@ def count_parameters(view: GraphView) -> int:
 
 
 def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shapes: dict | None = None,
-                  notes: tuple[str, ...] = (), prepared: onnx.ModelProto | None = None) -> InspectReport:
+                  notes: tuple[str, ...] = (), prepared: onnx.ModelProto | None = None,
+                  target=None) -> InspectReport:
     """Build the report. ``plan`` is the planner's uncalibrated plan for the
     model; MACs are counted on ``prepared`` (constants folded, so that shapes
     computed by small subgraphs, e.g. Pad amounts, are known)."""
@@ -175,7 +180,7 @@ def inspect_model(model: onnx.ModelProto, path: str, size_bytes: int, plan, shap
         parameters=count_parameters(view), size_bytes=size_bytes, macs=macs_per_op(fixed_view),
         op_types=dict(Counter(n.op_type for n in view.nodes).most_common()),
         quantizable_nodes=len(plan.all_quantized_nodes()), nodes=len(plan.all_nodes()),
-        blockers=tuple(blockers), shapes_used=used)
+        blockers=tuple(blockers), shapes_used=used, target=target)
 
 
 def blocked_ops(plan) -> list[str]:
@@ -212,4 +217,7 @@ def format_report(r: InspectReport) -> str:
     lines.append(f"quantizable {r.quantizable_nodes} of {r.nodes} nodes (after pre-processing) would be quantized")
     for b in r.blockers:
         lines.append(f"note: {b}")
+    if r.target is not None:
+        from .targets import format_target
+        lines += format_target(r.target)
     return "\n".join(lines)

@@ -157,3 +157,48 @@ def test_eval_reports_target_and_placement(cnn_files, tmp_path):
     assert r2.exit_code == 0 and "candidate ran on:" in r2.output
     both = cli("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--target", "cpu", "--provider", "cuda")
     assert both.exit_code == 2 and "disagree" in both.output
+
+
+SAMPLE = "calibration/fashion-mnist/model.onnx"
+
+
+def test_inspect_cuda_says_convs_are_fake_quantized_and_recommends_fp16():
+    r = cli("inspect", SAMPLE, "--target", "cuda")
+    assert r.exit_code == 0, r.output
+    convs = [line for line in r.output.splitlines() if line.strip().startswith("/conv") and " Conv " in line]
+    assert len(convs) == 2
+    assert all("float Conv between Q/DQ" in line and line.rstrip().endswith("fp16") for line in convs)
+    assert "0 of" in r.output and "recommend   --target cuda (fp16" in r.output
+
+
+def test_inspect_cpu_prediction_matches_onnxruntimes_optimised_graph(tmp_path):
+    """What inspect says fuses on the CPU EP is what onnxruntime's optimiser really fuses."""
+    import onnx
+    r = cli("inspect", SAMPLE, "--target", "cpu", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["target"]["nodes"]
+    predicted = sum(1 for n in rows if n["int8"] == "fused QLinearConv")
+    assert predicted == 2
+    q = tmp_path / "q.onnx"
+    assert cli("quantize", SAMPLE, "--data", "calibration/fashion-mnist/calib.npz", "-o", q).exit_code == 0
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == predicted
+    assert ops.count("QGemm") == sum(1 for n in rows if n["int8"] == "fused QGemm")
+
+
+def test_inspect_cuda_offers_int4_for_matmul_weights(tmp_path):
+    path = models.save(models.matmul_mlp(), tmp_path / "mlp.onnx")
+    r = cli("inspect", path, "--target", "cuda", "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["target"]["nodes"]
+    mm = {n["name"]: n for n in rows if n["op_type"] == "MatMul"}
+    weighted = [mm[k] for k in ("MatMul(h)", "MatMul(h2)") if k in mm]
+    assert weighted and all(n["choose"] == "int4 weights" and "MatMulNBits" in n["why"] for n in weighted)
+    if "MatMul(y)" in mm:  # two activations: no weight to store in 4 bits
+        assert mm["MatMul(y)"]["choose"] == "fp16"
+    assert "--weights int4" in json.loads(r.output)["target"]["recommendation"]
+    plain = json.loads(cli("inspect", path, "--json").output)
+    assert "target" not in plain
