@@ -393,9 +393,10 @@ def _search(model, output, table, data, method, qopts, copts, eval_data, labels,
               "pre-processing, and only the nodes it quantizes.")
 @click.option("--impact", is_flag=True, help="Also the model outputs' SNR with only each node quantized (what the "
               "search ranks by; one more run per node per batch).")
+@target_option
 @handle_errors
 def debug(reference, candidate, data, table, json_path, plot_path, top, batch_size, limit, threads, preprocess,
-          plan_path, impact):
+          plan_path, impact, target):
     """Per-node error of a QDQ model against its fp32 model, worst first: accumulated and isolated SQNR,
     range use and MAC share."""
     from .debug import format_report, plot, run
@@ -409,7 +410,12 @@ def debug(reference, candidate, data, table, json_path, plot_path, top, batch_si
     if plot_path:
         from .debug import require_matplotlib
         require_matplotlib()
-    report = run(reference, candidate, data, table, preprocess, batch_size, limit, threads, impact, plan_path)
+    from . import runtime
+    choice = runtime.pick_provider(target or "cpu")
+    if choice.note:
+        click.echo(f"warning: {choice.note}", err=True)
+    report = run(reference, candidate, data, table, preprocess, batch_size, limit, threads, impact, plan_path,
+                 choice.used)
     click.echo(format_report(report, top))
     if json_path:
         atomic_write_text(json_path, report.to_json())

@@ -202,3 +202,12 @@ def test_inspect_cuda_offers_int4_for_matmul_weights(tmp_path):
     assert "--weights int4" in json.loads(r.output)["target"]["recommendation"]
     plain = json.loads(cli("inspect", path, "--json").output)
     assert "target" not in plain
+
+
+def test_debug_runs_on_the_target_or_says_it_fell_back(cnn_files, tmp_path):
+    out = tmp_path / "q.onnx"
+    assert cli("quantize", cnn_files["model"], "--table", cnn_files["table"], "-o", out).exit_code == 0
+    r = cli("debug", cnn_files["model"], out, "--data", cnn_files["eval"], "--target", "cuda", "--limit", 8)
+    assert r.exit_code == 0, r.output
+    if not cuda_really_runs():
+        assert "warning: CUDAExecutionProvider unavailable" in r.output
