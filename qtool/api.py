@@ -372,7 +372,7 @@ def evaluate(reference: str | Path, candidate: str | Path, data, labels: str | P
     ref = model_io.load(reference, load_external=False)
     cand = model_io.load(candidate, load_external=False)
     ds = open_data(data, ref)
-    check_against_model(ds, model_inputs(cand))
+    check_against_model(ds, model_inputs(cand), float_cast=True)
     label_array = _labels(ds, labels, limit)
     # gates that cannot be judged fail before any inference (judge would refuse them after it)
     if options.max_drop is not None and label_array is None:

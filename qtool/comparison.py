@@ -114,7 +114,8 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
     for batch in ds.batches(batch_size, limit):
         feeds = {k: batch[k] for k in inputs}
         first = first or feeds
-        comparison.update(batch, runtime.run(sess_r, feeds), runtime.run(sess_c, feeds), samples_in(feeds))
+        comparison.update(batch, runtime.run(sess_r, feeds), runtime.run(sess_c, runtime.typed_feeds(sess_c, feeds)),
+                          samples_in(feeds))
     notes += comparison.notes
     lat_r, lat_c, ratios = runtime.time_pair(sess_r, sess_c, first, options.warmup, options.repeats)
     batch = samples_in(first) if first else 1

@@ -221,10 +221,12 @@ def integer_labels(arr: np.ndarray, what: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def check_against_model(dataset: Dataset, inputs: list[InputSpec]) -> None:
+def check_against_model(dataset: Dataset, inputs: list[InputSpec], float_cast: bool = False) -> None:
     """Raise DataError, naming the input and both shapes, on any mismatch.
 
-    Runs on the arrays' headers only, before any inference.
+    Runs on the arrays' headers only, before any inference. ``float_cast``: float data may
+    feed an input of another float type (the caller casts it: an fp16 model evaluated on its
+    fp32 reference's data).
     """
     model_names = [i.name for i in inputs]
     missing = [n for n in model_names if n not in dataset.specs]
@@ -237,14 +239,14 @@ def check_against_model(dataset: Dataset, inputs: list[InputSpec]) -> None:
     if dataset.num_samples == 0:
         raise DataError(f"{dataset.path}: data set is empty (0 samples)")
     for spec in inputs:
-        _check_one(dataset, spec)
+        _check_one(dataset, spec, float_cast)
 
 
 def _dims_text(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _check_one(dataset: Dataset, spec: InputSpec) -> None:
+def _check_one(dataset: Dataset, spec: InputSpec, float_cast: bool = False) -> None:
     for file_specs in dataset.file_specs:
         shape, dtype = file_specs[spec.name].shape, file_specs[spec.name].dtype
         if len(shape) != len(spec.shape):
@@ -254,7 +256,8 @@ def _check_one(dataset: Dataset, spec: InputSpec) -> None:
             if axis > 0 and isinstance(m, int) and m > 0 and d != m:
                 raise DataError(f"input {spec.name!r}: data shape {list(shape)} does not match "
                                 f"model shape {_dims_text(spec.shape)} at axis {axis}")
-        if np.dtype(dtype) != np.dtype(spec.dtype):
+        both_float = np.dtype(dtype).kind == "f" and np.dtype(spec.dtype).kind == "f"
+        if np.dtype(dtype) != np.dtype(spec.dtype) and not (float_cast and both_float):
             raise DataError(f"input {spec.name!r}: data dtype {np.dtype(dtype)} does not match "
                             f"model dtype {np.dtype(spec.dtype)}")
         batch_dim = spec.shape[0]

@@ -320,7 +320,7 @@ class _Profiled:
         self.names = names
 
     def run(self, feeds):
-        runtime.run(self.sess, {k: v for k, v in feeds.items() if k in self.names})
+        runtime.run(self.sess, runtime.typed_feeds(self.sess, {k: v for k, v in feeds.items() if k in self.names}))
 
     def events(self) -> tuple[list[dict], list[tuple[float, float]]]:
         path = self.sess.end_profiling()

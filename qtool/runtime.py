@@ -193,6 +193,20 @@ def _failure(text: str) -> str:
     return (head + what)[:300]
 
 
+def typed_feeds(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` with float arrays cast to the float type each input of ``sess`` declares (an fp16
+    model with fp16 inputs takes the same float32 data as its fp32 reference); others as given."""
+    out = dict(feeds)
+    for i in getattr(sess, "get_inputs", list)():
+        arr = out.get(i.name)
+        if arr is None or arr.dtype.kind != "f":
+            continue
+        want = ort_dtype(i.type)
+        if i.type in ("tensor(float)", "tensor(float16)", "tensor(double)") and arr.dtype != want:
+            out[i.name] = arr.astype(want)
+    return out
+
+
 def output_names(sess: ort.InferenceSession) -> list[str]:
     return [o.name for o in sess.get_outputs()]
 
@@ -235,20 +249,21 @@ def time_pair(sess_a, sess_b, feeds: dict[str, np.ndarray], warmup: int = 5,
     Returns each session's Timing and the per-pair ratios ``a_ms / b_ms`` (with A the
     reference and B the candidate, the speedup of each pair).
     """
+    fa, fb = typed_feeds(sess_a, feeds), typed_feeds(sess_b, feeds)
     quickest = float("inf")
     for _ in range(max(warmup, 1)):
-        for sess in (sess_a, sess_b):
+        for sess, f in ((sess_a, fa), (sess_b, fb)):
             t0 = time.perf_counter()
-            sess.run(None, feeds)
+            sess.run(None, f)
             quickest = min(quickest, (time.perf_counter() - t0) * 1000.0)
     block = int(min(MAX_BLOCK, max(1, np.ceil(MIN_SAMPLE_MS / max(quickest, 1e-3)))))
     ta, tb = np.empty(repeats), np.empty(repeats)
     for i in range(repeats):
-        order = ((sess_a, ta), (sess_b, tb)) if i % 2 == 0 else ((sess_b, tb), (sess_a, ta))
-        for sess, acc in order:
+        order = ((sess_a, ta, fa), (sess_b, tb, fb)) if i % 2 == 0 else ((sess_b, tb, fb), (sess_a, ta, fa))
+        for sess, acc, f in order:
             t0 = time.perf_counter()
             for _ in range(block):
-                sess.run(None, feeds)
+                sess.run(None, f)
             acc[i] = (time.perf_counter() - t0) * 1000.0 / block
     timings = tuple(Timing(float(np.median(a)), float(np.percentile(a, 90)), repeats) for a in (ta, tb))
     return timings[0], timings[1], ta / np.maximum(tb, 1e-9)

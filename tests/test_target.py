@@ -211,3 +211,24 @@ def test_debug_runs_on_the_target_or_says_it_fell_back(cnn_files, tmp_path):
     assert r.exit_code == 0, r.output
     if not cuda_really_runs():
         assert "warning: CUDAExecutionProvider unavailable" in r.output
+
+
+def test_eval_feeds_an_fp16_interface_candidate_the_fp32_data(tmp_path):
+    """A model converted with --keep-io-types false takes fp16 inputs; eval casts the reference's
+    float32 data for it instead of refusing the dtype."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+    ref = models.small_cnn()
+    half = onnx.ModelProto()
+    half.CopyFrom(ref)
+    for t in half.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in list(half.graph.input) + list(half.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    del half.graph.value_info[:]
+    rp, hp = models.save(ref, tmp_path / "ref.onnx"), models.save(half, tmp_path / "half.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, **models.random_inputs(ref, 16))
+    r = cli("eval", rp, hp, "--data", data, "--repeats", 2, "--min-cosine", 0.999)
+    assert r.exit_code == 0, r.output
+    assert "PASS min_cosine" in r.output
