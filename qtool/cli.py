@@ -350,8 +350,16 @@ def _search(model, output, table, data, method, qopts, copts, eval_data, labels,
     if task:
         from .task import load_task
         task_obj = load_task(task)
+    if qopts.recipe != "int8":
+        raise QtoolError(f"the accuracy search moves int8 nodes to a fallback precision; --weights {qopts.recipe} "
+                         "has none to move (quantize without gates, then check it with qtool eval)")
+    from . import runtime
+    choice = runtime.pick_provider(qopts.target)
+    if choice.note:
+        click.echo(f"warning: {choice.note}", err=True)
     sopts = SearchOptions(Thresholds(**gates), fallback=fallback or "fp32", best_effort=best_effort,
-                          threads=threads or 2, max_evaluations=max_evals, speed=speed is not False)
+                          threads=threads or 2, max_evaluations=max_evals, speed=speed is not False,
+                          provider=qopts.target)
     calib = api.Dataset(data) if data else None
     written, result = quantize_search(model, output, table, calib, qopts, copts, method, ds, label_array, task_obj,
                                       sopts, log=click.echo)

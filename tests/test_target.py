@@ -232,3 +232,24 @@ def test_eval_feeds_an_fp16_interface_candidate_the_fp32_data(tmp_path):
     r = cli("eval", rp, hp, "--data", data, "--repeats", 2, "--min-cosine", 0.999)
     assert r.exit_code == 0, r.output
     assert "PASS min_cosine" in r.output
+
+
+def test_search_refuses_float_recipes_and_runs_on_the_target(cnn_files, tmp_path):
+    out = tmp_path / "s.onnx"
+    r = cli("quantize", cnn_files["model"], "--data", cnn_files["calib"], "--eval-data", cnn_files["eval"],
+            "--min-cosine", 0.9, "--weights", "int4", "-o", out)
+    assert r.exit_code == 2 and "--weights int4" in r.output and not out.exists()
+    r = cli("quantize", cnn_files["model"], "--data", cnn_files["calib"], "--eval-data", cnn_files["eval"],
+            "--min-cosine", 0.5, "--target", "trt", "--no-speed", "-o", out)
+    assert r.exit_code == 0, r.output
+    if runtime.unavailable("TensorrtExecutionProvider"):
+        assert "warning: TensorrtExecutionProvider unavailable" in r.output
+    import onnx
+    assert onnx.load(str(out)).graph.node  # written
+
+
+def test_trt_rejects_qoperator_and_dynamic(cnn_files, tmp_path):
+    for extra in (("--format", "qoperator"), ("--mode", "dynamic")):
+        r = cli("quantize", cnn_files["model"], *(("--table", cnn_files["table"]) if extra[0] == "--format" else ()),
+                "--target", "trt", *extra, "-o", tmp_path / "x.onnx")
+        assert r.exit_code == 2 and "--target trt" in r.output, r.output
