@@ -22,9 +22,10 @@ from .errors import ConfigError
 from .graph import GraphView
 from .graph.patterns import float_patterns
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
-from .rules import RULES, Act, Bias, Context, Facts, NodeRule, Optional, Share, Skip, Weight
+from .rules import RULES, Act, Bias, Context, Facts, Joined, NodeRule, Optional, Share, Skip, Weight
 from .rules import dynamic as dynamic_rules
-from .types import PerAxis, PerTensor, Precision, cpu_saturates_u8s8
+from .rules import trt as trt_rules
+from .types import PerAxis, PerTensor, Precision, Target, cpu_saturates_u8s8
 
 WBQ_OPS = ("Conv", "ConvTranspose", "Gemm")  # onnxruntime's WeightBiasQuantization targets
 
@@ -53,6 +54,7 @@ def analyse(model: onnx.ModelProto, options: QuantizeOptions, ranges=None,
     MAC counts, and the user's precision overrides matched to nodes (``elsewhere``:
     node names and op types of the model's other graphs, which overrides may name)."""
     view = GraphView(model)
+    target = options.target_enum
     notes = []
     macs, why = node_macs(model)
     if why:
@@ -60,10 +62,28 @@ def analyse(model: onnx.ModelProto, options: QuantizeOptions, ranges=None,
                      "dynamic mode's small-MatMul skip) are off")
     from .subgraphs import node_keys
     overrides = match_overrides(view, options, elsewhere | node_keys(model))
+    if target is Target.TRT:
+        _check_trt(options, overrides)
     kept = {name: "kept float on request (--precision NAME=fp32 or --exclude)" if p is Precision.FP32 else
             "fp16 on request (--precision NAME=fp16): float inputs cast to fp16, weights stored in fp16, "
             "outputs cast back" for name, p in overrides.items() if p in (Precision.FP32, Precision.FP16)}
-    return Facts(view, options, float_patterns(view), ranges, macs, overrides, kept), tuple(notes)
+    return Facts(view, options, float_patterns(view), ranges, macs, overrides, kept, target), tuple(notes)
+
+
+TRT_NOTE = ("target trt: int8 Q/DQ placed for TensorRT's explicit quantization (NVIDIA ModelOpt's placement): "
+            "symmetric int8 activations (zero point 0) and per-channel symmetric int8 weights whatever "
+            "--activation-type/--weight-type say, Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul, pooling, "
+            "residual Add (skip input only) and Concat (one scale with its output), biases and outputs float")
+
+
+def _check_trt(options: QuantizeOptions, overrides: dict[str, Precision]) -> None:
+    """TensorRT reads int8 Q/DQ (and fp8/int4, which qtool does not write): no uint8, no 16-bit."""
+    if options.weight_type == "uint8":
+        raise ConfigError("--target trt: TensorRT reads symmetric int8 weights only; drop --weight-type uint8")
+    for name, precision in overrides.items():
+        if precision.is_integer and precision is not Precision.INT8:
+            raise ConfigError(f"--target trt: --precision {name}={precision.label}: TensorRT reads int8 Q/DQ only "
+                              "(use int8, fp16 or fp32)")
 
 
 def _lifted(view: GraphView) -> bool:
@@ -131,6 +151,8 @@ def plan(facts: Facts, notes: tuple[str, ...] = ()) -> Plan:
                       "uint8 around zero point 128 for Conv (exact u8 x u8 kernels) and on a 7-bit int8 grid for "
                       "MatMul/Gemm (--weight-type int8|uint8 makes them all one kind)")
                    if assembly.reduced else None)
+    if facts.target is Target.TRT:
+        target_note = TRT_NOTE
     notes = tuple(notes) + assembly.unapplied_overrides(nodes) + ((target_note,) if target_note else ())
     return Plan(assembly.tensors, nodes, notes, options.mode, options.format, facts.target)
 
@@ -166,9 +188,10 @@ def calibration_tensors(facts: Facts) -> list[str]:
     if facts.options.mode == "dynamic":
         return []
     view = facts.view
+    ops = set(RULES) | (set(trt_rules.RULES) if facts.target is Target.TRT else set())
     wanted = {}
     for node in view.nodes:
-        if node.op_type not in RULES:
+        if node.op_type not in ops:
             continue
         for t in list(node.input) + list(node.output):
             if t and not view.is_initializer(t) and view.is_float(t):
@@ -187,11 +210,16 @@ class _Assembly:
     optional: dict[str, str] = field(default_factory=dict)
     fused: dict[str, str] = field(default_factory=dict)  # absorbed node -> absorbing node
     precisions: dict[str, Precision] = field(default_factory=dict)  # node -> its decided precision
+    joined: dict[str, str] = field(default_factory=dict)  # Concat input -> the Concat whose scale it takes (trt)
     reduced: bool = False
+
+    @property
+    def trt(self) -> bool:
+        return self.facts.target is Target.TRT
 
     def run(self) -> None:
         view = self.facts.view
-        self.ctx = Context(self.facts, self.quantized, self.optional, self.fused)
+        self.ctx = Context(self.facts, self.quantized, self.optional, self.fused, self.joined)
         self.raw = {name for name, p in self.facts.overrides.items() if p in (Precision.FP32, Precision.FP16)}
         for node in view.nodes:
             decision = self._decide(node)
@@ -202,8 +230,12 @@ class _Assembly:
             precision = self._precision(node)
             if decision.fuses:
                 self.fused[decision.fuses] = view.node_name(node)
+            joins = any(isinstance(spec, Joined) for spec in decision.inputs.values())
+            if joins:  # the inputs take the output's parameters: record it first
+                self._record_output(node, decision, precision)
             self._record_inputs(node, decision, precision)
-            self._record_output(node, decision, precision)
+            if not joins:
+                self._record_output(node, decision, precision)
             self.decided.append((node, decision, precision))
             self.precisions[view.node_name(node)] = precision
         for out, producer in self.optional.items():
@@ -224,7 +256,9 @@ class _Assembly:
             return Skip(f"part of a {ctx.patterns[name]} pattern: stays float (quantizing its small ops loses "
                         "accuracy; --precision NAME=uint8 quantizes it)")
         dynamic = ctx.options.mode == "dynamic"
-        rule = (dynamic_rules.RULES if dynamic else RULES).get(node.op_type)
+        rule = (dynamic_rules.RULES if dynamic else trt_rules.RULES if self.trt else RULES).get(node.op_type)
+        if rule is None and self.trt:
+            return trt_rules.other(node)
         if rule is None:
             if node.op_type in ("If", "Loop", "Scan") and not _lifted(ctx.view):
                 return Skip("control flow: the node runs float itself; the nodes of its subgraphs are planned "
@@ -263,7 +297,7 @@ class _Assembly:
             return self.precisions[self.fused[name]]
         if name in self.facts.overrides:
             return self.facts.overrides[name]
-        return self.facts.options.activation_precision
+        return Precision.INT8 if self.trt else self.facts.options.activation_precision
 
     # -- tensors -----------------------------------------------------------------
     def _record_inputs(self, node, decision: NodeRule, precision: Precision) -> None:
@@ -271,7 +305,9 @@ class _Assembly:
         options = self.facts.options
         for index, spec in decision.inputs.items():
             tensor = node.input[index]
-            if isinstance(spec, Act):
+            if isinstance(spec, Joined):
+                self._join(tensor, node, precision)
+            elif isinstance(spec, Act):
                 self._quantize_activation(tensor, f"input of {name}", precision)
             elif isinstance(spec, dynamic_rules.Dynamic):
                 self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.DYNAMIC,
@@ -289,6 +325,10 @@ class _Assembly:
 
     def _weight(self, tensor: str, node: str, spec: Weight, act: Precision, options) -> TensorPlan:
         granularity = PerTensor() if spec.axis is None else PerAxis(spec.axis)
+        if self.trt:  # no CPU saturation workaround: TensorRT's int8 kernels take full 8-bit weights
+            what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
+            return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {node}, {what}, symmetric int8 "
+                              "(TensorRT)", Precision.INT8, granularity, True, transpose=spec.transpose)
         saturates = spec.matmul and act.bits == 8 and cpu_saturates_u8s8()
         op = self.facts.view.by_name[node].op_type
         precision = spec.precision or _weight_precision(options.weight_type, saturates, act, op)
@@ -317,8 +357,20 @@ class _Assembly:
                                                f"because {why.split(' of ')[-1]} asks for it")
             return
         self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.QUANTIZE, why, precision,
-                                          symmetric=self.facts.options.activation_symmetric)
+                                          symmetric=self.trt or self.facts.options.activation_symmetric)
         self.quantized[tensor] = why
+
+    def _join(self, tensor: str, node, precision: Precision) -> None:
+        """A Concat input takes the parameters of the Concat's output (TensorRT's concat
+        elimination), whatever it had: the output's range covers every input's."""
+        name, out = self.ctx.node_key(node), node.output[0]
+        before = self.tensors.get(tensor)
+        why = (f"{before.reason}; " if before is not None and before.action is not Action.SKIP else "") + \
+            f"input of {name}: takes the parameters of its output {out} (TensorRT: one scale across a Concat)"
+        self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.SHARE, why, precision,
+                                          symmetric=self.tensors[out].symmetric, source=out)
+        self.quantized[tensor] = why
+        self.joined[tensor] = name
 
     def _record_output(self, node, decision: NodeRule, precision: Precision) -> None:
         out = node.output[0]
@@ -372,9 +424,15 @@ class _Assembly:
         if not isinstance(decision, Skip):
             return ()
         view = self.facts.view
-        if self.ctx.node_key(node) not in self.raw and not self._wbq_would_fire(node):
+        if self.ctx.node_key(node) not in self.raw and not self._reads_float(node):
             return ()
         return tuple(dict.fromkeys(t for t in node.input if t and not view.is_initializer(t) and self._carries_q(t)))
+
+    def _reads_float(self, node) -> bool:
+        """A float node that must read unquantized inputs: for TensorRT every linear op kept float
+        (ModelOpt's classify_partially_quantized_weighted_ops: no Q/DQ before a float Conv/Gemm/MatMul),
+        on the CPU one onnxruntime would otherwise quantize per tensor."""
+        return node.op_type in trt_rules.LINEAR if self.trt else self._wbq_would_fire(node)
 
     def _wbq_would_fire(self, node) -> bool:
         """onnxruntime's WeightBiasQuantization (core/optimizer/qdq_transformer/
@@ -399,7 +457,10 @@ class _Assembly:
 
     def producers_to_keep_float(self) -> dict[str, str]:
         """Quantized nodes whose int8 output a float node reads unquantized: with a
-        float reader beside its QuantizeLinear onnxruntime cannot fuse them."""
+        float reader beside its QuantizeLinear onnxruntime cannot fuse them. Not for TensorRT:
+        there a tensor's Q/DQ belongs to its quantized readers, never to its producer's kernel."""
+        if self.trt:
+            return {}
         view = self.facts.view
         decisions = {self.ctx.node_key(n): d for n, d, _ in self.decided}
         forced = {}

@@ -4,8 +4,8 @@ A rule is a pure function ``(node, ctx) -> Skip(reason) | NodeRule``. It
 writes nothing: ``ctx`` answers questions about the model (facts computed once
 per command) and about the decisions the planner has already assembled for
 earlier nodes in topological order. A ``NodeRule`` says, per input index, how
-that input is quantized (``Act``, ``Weight``, ``Bias``), what happens to the
-output — ``Act`` (an integer kernel needs an int8 output), ``Optional`` (the
+that input is quantized (``Act``, ``Joined``: the output's parameters, ``Weight``,
+``Bias``), what happens to the output — ``Act`` (an integer kernel needs an int8 output), ``Optional`` (the
 kernel can also produce float, e.g. MatMulIntegerToFloat and QGemm: int8 only
 if a quantized consumer reads it), ``Share`` (same parameters as an input or a
 weight) or None — and which neighbour it absorbs (``fuses``: a Relu/Clip after
@@ -28,6 +28,13 @@ from ..types import Precision, Target
 @dataclass(frozen=True)
 class Act:
     """An activation with its own parameters from calibration."""
+
+
+@dataclass(frozen=True)
+class Joined(Act):
+    """An input that takes the parameters of the node's own output instead of
+    its own (``--target trt``: one scale across a Concat's inputs and output,
+    so that TensorRT cancels the DQ->Q pairs around it and concatenates int8)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class Context:
     """A rule's read-only window: the facts, plus what the planner has decided so
     far (tensors already int8, outputs that may become int8, fusions accepted)."""
 
-    def __init__(self, facts: Facts, quantized, optional, fused):
+    def __init__(self, facts: Facts, quantized, optional, fused, joined=None):
         self.facts = facts
         self.view = facts.view
         self.options = facts.options
@@ -111,6 +118,7 @@ class Context:
         self._quantized = MappingProxyType(quantized)
         self._optional = MappingProxyType(optional)
         self._fused = MappingProxyType(fused)
+        self._joined = MappingProxyType(joined if joined is not None else {})
 
     def mac_share(self, node: onnx.NodeProto) -> float | None:
         """This node's share of the model's Conv/MatMul/Gemm MACs (None if unknown)."""
@@ -128,6 +136,10 @@ class Context:
 
     def node_key(self, node: onnx.NodeProto) -> str:
         return self.view.node_name(node)
+
+    def joined_to(self, tensor: str) -> str | None:
+        """The Concat whose scale ``tensor`` already takes (``--target trt``), if any."""
+        return self._joined.get(tensor)
 
     def fused_by(self, node: onnx.NodeProto) -> str | None:
         """The quantized node that absorbs ``node`` (accepted by the planner), if any."""
