@@ -237,6 +237,33 @@ def test_concat_read_by_no_quantized_node_stays_float(tmp_path):
     assert plan.tensors["a"].action is Action.SKIP and plan.tensors["b"].action is Action.SKIP
 
 
+# -- pooling ----------------------------------------------------------------------------------------
+def test_pooling_is_quantized_beside_a_quantized_neighbour_only(tmp_path):
+    """MaxPool before a quantized Conv and GlobalAveragePool before Flatten -> Gemm (a reader found
+    through data movement): Q/DQ on their inputs; a pool between float ops stays float."""
+    body = """
+    pools (float[N, 16, 8, 8] x) => (float[N, 32] y, float[N, 16, 4, 4] z) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        r = Relu (c)
+        p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+        c2 = Conv <pads = [1, 1, 1, 1]> (p, w2, b2)
+        g = GlobalAveragePool (c2)
+        f = Flatten (g)
+        y = Gemm <transB = 1> (f, wg, bg)
+        s = Sigmoid (x)
+        q = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (s)
+        z = Sigmoid (q)
+    }
+    """
+    m = _model(body, {"w": _conv_w(16, 16), "b": ((16,), 0.1), "w2": _conv_w(16, 16), "b2": ((16,), 0.1),
+                      "wg": ((32, 16), 0.3), "bg": ((32,), 0.1)})
+    plan = _decide(tmp_path, m)
+    assert _node(plan, "MaxPool(p)").inputs == ("r",) and "Conv(c2)" in _node(plan, "MaxPool(p)").reason
+    assert _node(plan, "GlobalAveragePool(g)").inputs == ("c2",)
+    assert "Gemm(y)" in _node(plan, "GlobalAveragePool(g)").reason
+    assert not _node(plan, "AveragePool(q)").quantized and not _node(plan, "Flatten(f)").quantized
+
+
 # -- narrow Convs ----------------------------------------------------------------------------------
 def _conv_chain(channels: list[int], group_last: int = 1):
     """x (channels[0]) -> Relu -> Conv -> Relu -> Conv ... so that no Conv reads the model input."""

@@ -46,15 +46,21 @@ GUIDE = "TensorRT's Q/DQ placement (NVIDIA ModelOpt)"
 
 
 # -- look-ahead: would a node's TensorRT rule quantize this input? ----------------------
-def quantizes_input(node: onnx.NodeProto, tensor: str, ctx: Context) -> bool:
-    """Whether ``node`` (not yet planned) will read ``tensor`` through a Q/DQ pair."""
-    if ctx.kept_float(node) or node.domain not in ("", "ai.onnx") or not ctx.view.is_float(tensor):
-        return False
+def _decision(node: onnx.NodeProto, ctx: Context):
+    """What the planner will decide for ``node`` (not yet planned): None where it stays float
+    before any rule runs (kept float, another domain, part of a float pattern, no rule)."""
+    if ctx.kept_float(node) or node.domain not in ("", "ai.onnx"):
+        return None
     wanted = ctx.override(node)
     if ctx.node_key(node) in ctx.patterns and not (wanted is not None and wanted.is_integer):
-        return False
+        return None
     rule = RULES.get(node.op_type)
-    decision = rule(node, ctx) if rule is not None else None
+    return rule(node, ctx) if rule is not None else None
+
+
+def quantizes_input(node: onnx.NodeProto, tensor: str, ctx: Context) -> bool:
+    """Whether ``node`` will read ``tensor`` through a Q/DQ pair."""
+    decision = _decision(node, ctx) if ctx.view.is_float(tensor) else None
     return isinstance(decision, NodeRule) and any(
         node.input[i] == tensor and isinstance(spec, Act) for i, spec in decision.inputs.items())
 
@@ -73,9 +79,9 @@ def _quantized_producer(tensor: str, ctx: Context) -> onnx.NodeProto | None:
     node = ctx.view.producer.get(tensor)
     while node is not None and node.op_type in COPY_OPS:
         node = ctx.view.producer.get(node.input[0])
-    if node is None or node.op_type not in LINEAR + ("Add",) or ctx.kept_float(node):
+    if node is None or node.op_type not in LINEAR + ("Add",):
         return None
-    return node if isinstance(RULES[node.op_type](node, ctx), NodeRule) else None
+    return node if isinstance(_decision(node, ctx), NodeRule) else None
 
 
 # -- Conv, ConvTranspose ----------------------------------------------------------------------
