@@ -356,7 +356,10 @@ def _search(model, output, table, data, method, qopts, copts, eval_data, labels,
     from . import runtime
     choice = runtime.pick_provider(qopts.target)
     if choice.note:
-        click.echo(f"warning: {choice.note}", err=True)
+        if gates["min_speedup"] is not None:
+            raise QtoolError(f"--min-speedup is judged on the target's EP: {choice.note.split(';')[0]}")
+        click.echo(f"warning: {choice.note}; candidates are judged for accuracy only (no timing)", err=True)
+        speed = False
     sopts = SearchOptions(Thresholds(**gates), fallback=fallback or "fp32", best_effort=best_effort,
                           threads=threads or 2, max_evaluations=max_evals, speed=speed is not False,
                           provider=qopts.target)

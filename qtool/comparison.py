@@ -102,8 +102,12 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         notes.append("onnxruntime's CUDA EP has no QDQ fusion and no QLinearConv/QLinearMatMul: int8 Conv/MatMul "
                      "run there as float ops wrapped in Q/DQ (expect no speed-up); int8 on NVIDIA GPUs needs the "
                      "TensorRT EP, and on CUDA the gains are fp16 and int4 weight-only MatMulNBits")
-    sess_r = runtime.session(str(reference), choice.used, options.threads)
-    sess_c = runtime.session(str(candidate), choice.used, options.threads)
+    if runtime.emulates(choice):
+        notes.append("a TensorRT target on the CPU EP: both models ran with onnxruntime's CPU QDQ fusions off, so "
+                     "each Q/DQ pair is computed as written, as TensorRT's int8 kernels compute it (the fused CPU "
+                     "kernels saturate full 8-bit weights on x86 without VNNI); the latency is not TensorRT's")
+    sess_r = runtime.target_session(str(reference), choice, options.threads)
+    sess_c = runtime.target_session(str(candidate), choice, options.threads)
     provider = runtime.used_providers(sess_c)[0]
     if choice.used != provider:
         notes.append(f"{choice.used} could not be created for this model; ran on {provider}")

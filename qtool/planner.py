@@ -329,7 +329,8 @@ class _Assembly:
             what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
             return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {node}, {what}, symmetric int8 "
                               "(TensorRT)", Precision.INT8, granularity, True, transpose=spec.transpose)
-        saturates = spec.matmul and act.bits == 8 and cpu_saturates_u8s8()
+        # the u8 x s8 saturation is the CPU EP's (AVX2 kernels): on CUDA int8 Q/DQ is computed in float
+        saturates = spec.matmul and act.bits == 8 and self.facts.target is Target.CPU and cpu_saturates_u8s8()
         op = self.facts.view.by_name[node].op_type
         precision = spec.precision or _weight_precision(options.weight_type, saturates, act, op)
         reduce = saturates and precision is Precision.INT8

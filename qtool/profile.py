@@ -304,14 +304,16 @@ def _bodies(node: onnx.NodeProto):
 class _Profiled:
     """A session with onnxruntime's profiler on, saving the graph it optimised."""
 
-    def __init__(self, model: onnx.ModelProto, provider: str, threads: int, folder: str, tag: str):
+    def __init__(self, model: onnx.ModelProto | str, provider: str, threads: int, folder: str, tag: str):
         self.optimized_path = os.path.join(folder, f"{tag}.optimized.onnx")
         # weights to a side file (never read back): only the graph is walked, and a big model fits
         opts = runtime.session_options(threads, True, self.optimized_path, f"{tag}.optimized.onnx.data")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(folder, tag)
         providers = runtime.provider_list(provider, model)
-        if model_io.by_path(model):
+        if isinstance(model, str):  # a file: onnxruntime reads it (and its external data) itself
+            self.sess = runtime._session(model, opts, providers)
+        elif model_io.by_path(model):
             with model_io.temp_model_file(model) as path:
                 self.sess = runtime._session(str(path), opts, providers)
         else:
@@ -344,9 +346,9 @@ def node_placement(model: onnx.ModelProto | str, provider: str, feeds: dict[str,
     fusions): provider -> op type -> number of kernels. Control-flow bodies count once per
     kernel, not once per iteration."""
     import tempfile
-    m = model if isinstance(model, onnx.ModelProto) else model_io.load(model)
     with tempfile.TemporaryDirectory(prefix="qtool-placement-") as folder:
-        prof = _Profiled(m, provider, threads or 1, folder, "placement")
+        prof = _Profiled(model if isinstance(model, onnx.ModelProto) else str(model), provider, threads or 1,
+                         folder, "placement")
         prof.run(feeds)
         kernels, _ = prof.events()
     seen: dict[str, tuple[str, str]] = {}

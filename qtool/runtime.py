@@ -115,8 +115,28 @@ def _has_qdq(model) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
 
 
+#: onnxruntime's CPU-only QDQ rewrites (qdq_selector_action_transformer.cc, qdq_s8_to_u8.cc). Off, the CPU
+#: EP computes each Q/DQ pair as written, in float, as TensorRT's int8 kernels compute them exactly.
+QDQ_FUSIONS = ("QDQSelectorActionTransformer", "QDQS8ToU8Transformer")
+
+
+def emulates(choice: "ProviderChoice") -> bool:
+    """A TensorRT target that fell back to the CPU EP: its Q/DQ placement is TensorRT's, and the CPU
+    EP's fusions would turn the Conv chains it leaves into integer kernels with full 8-bit weights
+    (which saturate on x86 without VNNI); so such sessions run with :data:`QDQ_FUSIONS` off."""
+    return choice.requested == "trt" and choice.used == PROVIDERS["cpu"]
+
+
+def target_session(model: onnx.ModelProto | str, choice: "ProviderChoice", threads: int | None = None
+                   ) -> ort.InferenceSession:
+    """A session on the EP ``choice`` picked for its target (see :func:`emulates`)."""
+    return session(model, choice.used, threads, disabled=QDQ_FUSIONS if emulates(choice) else ())
+
+
 def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
-            optimize: bool = True, optimized_path: str | None = None) -> ort.InferenceSession:
+            optimize: bool = True, optimized_path: str | None = None,
+            disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
+    """``disabled``: onnxruntime graph transformers to leave out (by name)."""
     opts = session_options(threads, optimize, optimized_path)
     providers = provider_list(provider, model if provider == PROVIDERS["trt"] else None)
     if not isinstance(model, str) and model_io.by_path(model):
@@ -126,10 +146,10 @@ def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], thre
                 and model_io.inline_bytes(model) <= model_io.SERIALIZE_LIMIT):
             # a read-only folder: the graph alone from memory, the weights from the files there
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-            return _session(model_io.skeleton(model, folder).SerializeToString(), opts, providers)
+            return _session(model_io.skeleton(model, folder).SerializeToString(), opts, providers, disabled)
         with model_io.temp_model_file(model) as path:
-            return _session(str(path), opts, providers)
-    return _session(model if isinstance(model, str) else model.SerializeToString(), opts, providers)
+            return _session(str(path), opts, providers, disabled)
+    return _session(model if isinstance(model, str) else model.SerializeToString(), opts, providers, disabled)
 
 
 def session_options(threads: int | None = None, optimize: bool = True, optimized_path: str | None = None,
@@ -162,8 +182,11 @@ def provider_list(provider: str, model=None) -> list:
     return [(chain[0], extra)] + chain[1:] if extra else chain
 
 
-def _session(source, opts, providers) -> ort.InferenceSession:
+def _session(source, opts, providers, disabled: tuple[str, ...] = ()) -> ort.InferenceSession:
     try:
+        if disabled:
+            return ort.InferenceSession(source, sess_options=opts, providers=providers,
+                                        disabled_optimizers=list(disabled))
         return ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0][:300]}") from None

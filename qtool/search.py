@@ -126,7 +126,7 @@ class Reference:
     def __init__(self, path, ds, labels, task, options: SearchOptions, batch_size: int | None = None):
         self.ds, self.labels, self.task, self.options = ds, labels, task, options
         self.batch_size = batch_size or options.batch_size
-        self.session = runtime.session(str(path), runtime.pick_provider(options.provider).used, options.threads)
+        self.session = runtime.target_session(str(path), runtime.pick_provider(options.provider), options.threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.names = runtime.output_names(self.session)
         self.outputs = [runtime.run(self.session, {k: b[k] for k in self.inputs}) for b in self._batches()]
@@ -149,7 +149,7 @@ class Reference:
     def judge(self, model: onnx.ModelProto, gates: Thresholds):
         """Evaluate a candidate model (in memory) against the cached outputs: (report, its session)."""
         try:
-            sess = runtime.session(model, runtime.pick_provider(self.options.provider).used, self.options.threads)
+            sess = runtime.target_session(model, runtime.pick_provider(self.options.provider), self.options.threads)
         except ModelError as exc:  # a candidate qtool wrote that onnxruntime cannot load: qtool's bug
             raise InternalError(f"internal error: a search candidate does not load ({exc}); please report it "
                                 "with the model") from None
@@ -296,7 +296,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         if final.speed is not None:
             # the verdict on speed is timed again, longer: 30 pairs choose between candidates, these decide
             model = _candidate(api, final.plan, prepared)
-            sess = runtime.session(model, runtime.pick_provider(sopts.provider).used, sopts.threads)
+            sess = runtime.target_session(model, runtime.pick_provider(sopts.provider), sopts.threads)
             final = replace(final, speed=ref.speed(sess, sopts.timing_pairs * 4))
             log(f"final timing: {final.speed.median:.2f}x fp32's speed (p10-p90 {final.speed.p10:.2f}-"
                 f"{final.speed.p90:.2f}, {final.speed.pairs} pairs at batch 1)")

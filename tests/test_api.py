@@ -16,7 +16,7 @@ def test_public_names():
 
 
 def test_signatures():
-    assert params(qtool.inspect) == ["model", "shapes"]
+    assert params(qtool.inspect) == ["model", "shapes", "target"]
     assert params(qtool.calibrate) == ["model", "data", "options", "quantize_options", "on_batch", "threads"]
     assert params(qtool.plan) == ["model", "table", "options", "method"]
     assert params(qtool.quantize) == ["model", "output", "table", "data", "options", "calibrate_options",

@@ -253,3 +253,32 @@ def test_trt_rejects_qoperator_and_dynamic(cnn_files, tmp_path):
         r = cli("quantize", cnn_files["model"], *(("--table", cnn_files["table"]) if extra[0] == "--format" else ()),
                 "--target", "trt", *extra, "-o", tmp_path / "x.onnx")
         assert r.exit_code == 2 and "--target trt" in r.output, r.output
+
+
+def test_trt_on_cpu_computes_qdq_as_written(tmp_path):
+    """A TensorRT-placed model evaluated on the CPU EP (TensorRT absent): the CPU QDQ fusions are off, so
+    the figure is the Q/DQ arithmetic TensorRT computes, not the CPU's fused kernels."""
+    if not runtime.unavailable("TensorrtExecutionProvider"):
+        pytest.skip("TensorRT is usable here")
+    out = tmp_path / "trt.onnx"
+    r = cli("quantize", SAMPLE, "--target", "trt", "--data", "calibration/fashion-mnist/calib.npz", "-o", out)
+    assert r.exit_code == 0, r.output
+    choice = runtime.pick_provider("trt")
+    assert runtime.emulates(choice)
+    sess = runtime.target_session(str(out), choice)
+    plain = runtime.session(str(out))
+    x = np.load("calibration/fashion-mnist/eval.npz")["input"][:64]
+    name = sess.get_inputs()[0].name
+    # by hand: Q/DQ as written on an unoptimised session gives the same numbers as the emulating session
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    written = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    emulated, fused = sess.run(None, {name: x})[0], plain.run(None, {name: x})[0]
+    # other rewrites (Conv+Relu, Gemm) still run, so a value may land one quantization step away
+    np.testing.assert_allclose(emulated, written, rtol=0.01, atol=0.05)
+    assert np.abs(emulated - written).mean() <= np.abs(fused - written).mean()
+    r = cli("eval", SAMPLE, out, "--data", "calibration/fashion-mnist/eval.npz", "--repeats", 2, "--target", "trt")
+    assert r.exit_code == 0 and "CPU QDQ fusions off" in r.output, r.output
+    r = cli("quantize", SAMPLE, "--target", "trt", "--data", "calibration/fashion-mnist/calib.npz", "--eval-data",
+            "calibration/fashion-mnist/eval.npz", "--min-speedup", 1, "-o", tmp_path / "s.onnx")
+    assert r.exit_code == 2 and "judged on the target's EP" in r.output
