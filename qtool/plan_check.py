@@ -48,6 +48,10 @@ def check_plan(plan: Plan, p: Prepared) -> None:
     if plan.mode not in PLAN_MODES or plan.format not in ("qdq", "qoperator"):
         raise PlanError(f"plan mode {plan.mode!r} / quant_format {plan.format!r}: expected "
                         f"{'|'.join(PLAN_MODES)}, qdq|qoperator")
+    if plan.mode == "weight-only":
+        from .weight_only import check_plan as check_weight_only
+        check_weight_only(plan, GraphView(p.model))
+        return
     _check_graph(plan, GraphView(p.model))
     from .subgraphs import bodies, lift
     keys = {b.key: b for b in bodies(p.model)}

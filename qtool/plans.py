@@ -49,7 +49,10 @@ class TensorPlan:
     transposed (a Gemm with transB in dynamic mode). ``reduce_range``: a weight
     on a 7-bit grid (x86-64 without VNNI, see :func:`qtool.types.cpu_saturates_u8s8`). ``qdq_domain``: the domain
     of its QuantizeLinear/DequantizeLinear ("com.microsoft" for 16-bit types
-    below opset 21).
+    below opset 21). ``codes``: base64 of the quantized values themselves, for a weight
+    whose values do not follow from its scale and zero point (int4 GPTQ): the tensor's
+    values in its own shape, C order, as unsigned nibbles ``q - qmin``, two per byte, the
+    first in the low nibble.
     """
 
     name: str
@@ -67,6 +70,7 @@ class TensorPlan:
     transpose: bool = False
     reduce_range: bool = False
     qdq_domain: str = ""
+    codes: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -93,6 +97,8 @@ class TensorPlan:
             d["reduce_range"] = True
         if self.qdq_domain:
             d["qdq_domain"] = self.qdq_domain
+        if self.codes is not None:
+            d["codes"] = self.codes
         return d
 
     @classmethod
@@ -107,7 +113,7 @@ class TensorPlan:
             zero_point=tuple(_num(v, int) for v in zp) if isinstance(zp, list) else _opt_num(zp, int),
             range=None if rng is None else (float(rng[0]), float(rng[1])),
             transpose=_bool(d, "transpose", False), reduce_range=_bool(d, "reduce_range", False),
-            qdq_domain=str(d.get("qdq_domain", "")))
+            qdq_domain=str(d.get("qdq_domain", "")), codes=_opt_codes(d))
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,13 @@ def _names(d: dict, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{key} must be a list of strings, got {value!r}")
     return tuple(value)
+
+
+def _opt_codes(d: dict) -> str | None:
+    value = d.get("codes")
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"codes must be a base64 string or null, got {type(value).__name__}")
+    return value
 
 
 def _opt_num(v, kind):
