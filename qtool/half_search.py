@@ -11,7 +11,9 @@ The suspects (:func:`suspect_groups`), by kind, in the order they are tried:
 - ``norm``: LayerNormalization, InstanceNormalization, GroupNormalization, BatchNormalization;
 - ``last``: the last layer, from each model output back to its Conv/MatMul/Gemm.
 
-:func:`measured_keep` runs the all-fp16 model and the fp32 reference (for an int4 base, the
+:func:`measured_keep` runs the all-fp16 model, as the CUDA EP stores it (float32 with every
+fp16 tensor rounded to fp16: :mod:`qtool.rewrite.half_emulation`; the CPU EP itself computes most
+fp16 chains in float32 and would hide an overflow), and the fp32 reference (for an int4 base, the
 int4 model with float32 activations, so only fp16's share of the error is judged) on the data
 and compares every output: SNR (signal over error power, in dB) and the cosine of each
 sample, minimum over samples and outputs. fp16 rounds each value with a relative error of at

@@ -10,8 +10,9 @@ the tensor's name wherever one exists, so float32 readers, subgraphs and outputs
 untouched. Weights of fp16 nodes become fp16 copies (finite values saturated to ±65504; a
 float32 original nothing else reads is dropped). With ``plan.io_fp16`` the model's float32
 inputs and outputs are fp16 instead. A Cast of the model that would now convert a tensor to
-its own type is removed. Which positions of a node become fp16, and which ops qtool runs in
-fp16 at all, is :mod:`qtool.rewrite.half_ops`.
+its own type is removed. A body (If/Loop/Scan, rewritten before its outer graph) that only
+casts an outer fp16 tensor to fp16 reads it as it is. Which positions of a node become fp16,
+and which ops qtool runs in fp16 at all, is :mod:`qtool.rewrite.half_ops`.
 
 On a GPU this is the fast float path; on the CPU EP onnxruntime runs most fp16 ops through
 its own Casts (see ``half_ops.CPU_HALF_KERNELS``), so there it buys size, not speed.
@@ -293,15 +294,16 @@ def _drop_body_casts(casts: list, half_name: str) -> None:
 
 
 def _drop_noop_casts(g: onnx.GraphProto, nodes: list, types: dict[str, int], outputs: set[str]) -> list:
-    """Remove the model's Casts whose input already has the target type (a Cast to float32 that
-    an fp16 region turned into fp16 -> fp16): readers take the input itself; one that writes a
-    model output takes over its input's name from that input's producer instead."""
+    """Remove the Casts to fp16 whose input is fp16 already (a Cast to float32 inside an fp16
+    region, or an fp16 model's own Casts around its float32 computation): readers take the
+    input itself; one that writes a model output takes over its input's name from that input's
+    producer instead. The model's other Casts, no-ops included, stay as they are."""
     inputs = {i.name for i in g.input} | {t.name for t in g.initializer}
     producer = {o: n for n in nodes for o in n.output if o}
     kept = []
     for n in nodes:
         noop = n.op_type == "Cast" and n.domain in ("", "ai.onnx") and len(n.input) == 1 and \
-            types.get(n.input[0]) is not None and types.get(n.input[0]) == _cast_to(n)
+            _cast_to(n) == HALF and types.get(n.input[0]) == HALF
         src, dst = (n.input[0], n.output[0]) if noop else ("", "")
         if noop and dst not in outputs:
             _rename_reads(nodes, dst, src)
