@@ -167,7 +167,8 @@ class Plan:
     """Every tensor's and node's decision, and what the rewriter needs to apply them.
 
     ``mode``/``format`` choose the rewriter; ``model_sha256`` and ``preprocess``
-    tie the plan to one model file prepared one way.
+    tie the plan to one model file prepared one way. ``io_fp16``: the model's float32
+    inputs and outputs become fp16 (an fp16 model made with ``keep_io_types`` false).
     """
 
     tensors: dict[str, TensorPlan]
@@ -181,6 +182,7 @@ class Plan:
     resolved: bool = False
     format_version: int = PLAN_FORMAT_VERSION
     subgraphs: dict = field(default_factory=dict)  # "<node>/<attribute>" -> the plan of that body
+    io_fp16: bool = False
     node_index: dict = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -209,7 +211,8 @@ class Plan:
             "target": self.target.label, "resolved": self.resolved, "notes": list(self.notes),
             "nodes": [n.to_dict() for n in self.nodes],
             "tensors": [t.to_dict() for t in self.tensors.values()],
-        } | ({"subgraphs": {k: _body_dict(v) for k, v in self.subgraphs.items()}} if self.subgraphs else {})
+        } | ({"subgraphs": {k: _body_dict(v) for k, v in self.subgraphs.items()}} if self.subgraphs else {}) \
+          | ({"io_fp16": True} if self.io_fp16 else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -257,7 +260,7 @@ class Plan:
         return cls(tensors, tuple(nodes), _names(data, "notes"), str(data.get("mode", "static")),
                    str(data.get("quant_format", "qdq")), Target.parse(data.get("target", "cpu")),
                    str(data.get("model_sha256", "")), _bool(data, "preprocess", True),
-                   _bool(data, "resolved", False), version, subgraphs)
+                   _bool(data, "resolved", False), version, subgraphs, _bool(data, "io_fp16", False))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
