@@ -109,6 +109,8 @@ def _forward(view: GraphView, node: onnx.NodeProto, kind: str) -> tuple[str, ...
     members, frontier, seen = [view.node_name(node)], [(node, kind)], {id(node)}
     while frontier:
         current, key = frontier.pop()
+        if key not in _FOLLOW:  # a Sqrt, Div or Reciprocal: the value is back in range
+            continue
         for out in current.output:
             for c in view.consumers.get(out, []):
                 moves = c.op_type in _MOVES
@@ -157,6 +159,7 @@ def measured_keep(p, plan: Plan, base: Plan | None, groups: list[Group], data, c
     groups = [g for g in groups if g.nodes]
     start = judge(frozenset())
     kept: dict[str, str] = {}
+    kept_kinds: list[str] = []
     best = start
     if not _good(start):
         for kind in KINDS:
@@ -170,6 +173,7 @@ def measured_keep(p, plan: Plan, base: Plan | None, groups: list[Group], data, c
                 reason = (f"kept fp32 by measurement on {judge.samples} samples: with the {kind} group in fp16 "
                           f"{best.text()}, with it fp32 {score.text()} ({why})")
                 kept.update({n: reason for g in members for n in g.nodes})
+                kept_kinds.append(kind)
                 best = score
                 kept, best = _bisect(judge, kept, [g for g in members], best)
             if _good(best):
@@ -181,7 +185,7 @@ def measured_keep(p, plan: Plan, base: Plan | None, groups: list[Group], data, c
                          "(qtool debug shows where the error starts)")
     nodes = tuple(replace(n, precision=Precision.FLOAT, reason=kept[n.name]) if n.name in kept else n
                   for n in plan.nodes)
-    kinds = sorted({g.kind for g in groups if any(n in kept for n in g.nodes)}, key=KINDS.index)
+    kinds = [k for k in kept_kinds if any(n in kept for g in groups if g.kind == k for n in g.nodes)]
     note = (f"fp16 keep list measured on {judge.samples} samples against "
             f"{'the fp32 model' if base is None else 'the int4 model with fp32 activations'}, every fp16 tensor "
             f"rounded to fp16 as the CUDA EP stores it ({judge.evals} evaluations, target SNR "

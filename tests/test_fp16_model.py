@@ -288,6 +288,7 @@ def test_bundled_sample_and_target_cuda_default(tmp_path):
     assert out.stat().st_size < 0.55 * (s / "model.onnx").stat().st_size
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter, still the one for opset 17
 def test_torch_transformer_block(tmp_path):
     """A small pre-norm transformer block exported by torch: LayerNormalization, attention
     Softmax, erf GELU, all fp16 and close to fp32; Casts only at the model's input and output."""
@@ -468,3 +469,37 @@ def test_cpu_half_kernel_list_matches_onnxruntime():
                                  providers=["CPUExecutionProvider"])
             inserted = any(n.op_type == "Cast" for n in onnx.load(f"{d}/o.onnx").graph.node)
         assert inserted == (op not in CPU_HALF_KERNELS), op
+
+
+def test_measured_keep_list_keeps_only_the_group_that_needs_it(tmp_path):
+    """Four hand-built softmaxes, only the first with logits that overflow fp16: the exp kind is
+    tried fp32 as a whole, then bisected, and only the first group stays fp32."""
+    nodes, inits, outs = [], [numpy_helper.from_array(np.array([-1], np.int64), "axes")], []
+    for i, scale in enumerate((4.0, 0.25, 0.25, 0.25)):
+        nodes += [helper.make_node("MatMul", ["x", f"W{i}"], [f"h{i}"], name=f"mm{i}"),
+                  helper.make_node("Exp", [f"h{i}"], [f"e{i}"], name=f"exp{i}"),
+                  helper.make_node("ReduceSum", [f"e{i}", "axes"], [f"s{i}"], name=f"sum{i}", keepdims=1),
+                  helper.make_node("Div", [f"e{i}", f"s{i}"], [f"p{i}"], name=f"div{i}")]
+        inits.append(numpy_helper.from_array((np.eye(16) * scale).astype(np.float32), f"W{i}"))
+        outs.append(f"p{i}")
+    nodes.append(helper.make_node("Concat", outs, ["y"], name="cat", axis=-1))
+    g = helper.make_graph(nodes, "g", [vi("x", T.FLOAT, ["N", 16])], [vi("y", T.FLOAT, ["N", 64])], inits)
+    src = models.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                      tmp_path / "m.onnx")
+    feeds = {"x": np.random.default_rng(9).normal(0, 1.5, (64, 16)).astype(np.float32)}
+    np.savez(tmp_path / "d.npz", **feeds)
+    out, plan = tmp_path / "h.onnx", tmp_path / "plan.json"
+    r = cli("quantize", src, "-o", out, "--weights", "fp16", "--data", tmp_path / "d.npz", "--save-plan", plan)
+    assert r.exit_code == 0, r.output
+    saved = json.loads(plan.read_text())
+    kept = {n["name"] for n in saved["nodes"] if n["precision"] != "fp16"}
+    assert kept == {"exp0", "sum0", "div0"}
+    note = next(n for n in saved["notes"] if "measured on" in n)
+    assert "all-fp16 inf/NaN outputs" in note and "kept fp32: 3 nodes (exp)" in note
+    evaluations = int(note.split(" evaluations")[0].rsplit("(", 1)[1])
+    assert 2 < evaluations <= 12  # the kind, then halves handed back
+    h = onnx.load(str(out))
+    onnx.checker.check_model(h, full_check=True)
+    assert len(casts(h)) == crossings(src, fp16_nodes(plan))
+    got = run(out, feeds)[0]
+    assert np.isfinite(got).all() and min_cosine(run(src, feeds)[0], got) >= 0.999
