@@ -29,7 +29,7 @@ from . import int4
 from .errors import PlanError, QtoolError
 from .graph import GraphView
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
-from .types import PerBlock, Precision, Target
+from .types import PerBlock, Precision
 
 KERNEL = "MatMulNBits"
 GATHER_KERNEL = "GatherBlockQuantized"
@@ -152,8 +152,7 @@ def blocks_of(t: TensorPlan, array: np.ndarray) -> int4.Quantized:
     return int4.Quantized(codes, scales, zps, g.size)
 
 
-def tensor_plan(c: Candidate, shape: tuple[int, int], q: int4.Quantized, symmetric: bool, reason: str,
-                with_codes: bool) -> TensorPlan:
+def tensor_plan(c: Candidate, q: int4.Quantized, symmetric: bool, reason: str, with_codes: bool) -> TensorPlan:
     """The TensorPlan of a weight quantized as ``q`` (int4 rows of the stored weight)."""
     precision = Precision.INT4 if symmetric else Precision.UINT4
     scales, zps, codes = q.scales, q.zero_points.astype(np.int64) + precision.qmin, q.codes
@@ -174,14 +173,16 @@ def plan_int4(p, options, data, calibrate_options) -> Plan:
     or None; only gptq reads it)."""
     from .planner import match_overrides
     view = GraphView(p.model)
-    method, bs, symmetric = options.int4_method, options.block_size, options.int4_symmetric
+    method, bs = options.int4_method, options.block_size
     if method == "gptq" and data is None:
         raise QtoolError("--int4-method gptq needs --data (the MatMuls' input activations, from which it builds "
                          "each layer's Hessian; a calibration table holds only ranges, not activations): give "
                          "--data, or use --int4-method rtn or hqq, which need none")
     overrides = match_overrides(view, options)
-    found = candidates(view, bs)
-    chosen, reasons = _choose(found, overrides, view)
+    chosen, reasons = _choose(candidates(view, bs), overrides)
+    if not chosen:
+        raise QtoolError("--weights int4 found nothing to quantize (no MatMul/Gemm with a constant 2-D weight of "
+                         f"at least {MIN_DIM}x{MIN_DIM}, no constant embedding table that the options leave to it)")
     notes = list(p.notes)
     hessians = {}
     if method == "gptq":
@@ -191,14 +192,11 @@ def plan_int4(p, options, data, calibrate_options) -> Plan:
     tensors = _quantize_weights(view, chosen, hessians, options)
     nodes = _node_plans(view, chosen, reasons, tensors, overrides, options)
     notes += _target_notes(view, chosen, options)
-    if not chosen:
-        raise QtoolError("--weights int4 found nothing to quantize (no MatMul/Gemm with a constant 2-D weight of "
-                         f"at least {MIN_DIM}x{MIN_DIM}, no constant embedding table)")
     return Plan(tensors, tuple(nodes), tuple(notes), mode="weight-only", format="qoperator",
                 target=options.target_enum, model_sha256=p.sha256, preprocess=options.preprocess, resolved=True)
 
 
-def _choose(found: dict, overrides: dict, view: GraphView) -> tuple[dict[str, Candidate], dict[str, str]]:
+def _choose(found: dict, overrides: dict) -> tuple[dict[str, Candidate], dict[str, str]]:
     """Candidates the user did not keep float, one block axis per weight; reasons for the rest."""
     chosen: dict[str, Candidate] = {}
     reasons: dict[str, str] = {}
@@ -241,7 +239,7 @@ def _quantize_weights(view: GraphView, chosen: dict[str, Candidate], hessians: d
         used = method if c.op_type != "Gather" or method != "gptq" else "rtn"
         h = sum(hessians[x.activation] for x in cs) if used == "gptq" else None
         q = int4.quantize(m, bs, sym, used, h)
-        tensors[weight] = tensor_plan(c, array.shape, q, sym, _weight_reason(c, used, bs, sym, method) + how,
+        tensors[weight] = tensor_plan(c, q, sym, _weight_reason(c, used, bs, sym, method) + how,
                                       with_codes=used == "gptq")
     return tensors
 
