@@ -315,8 +315,21 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
         click.echo(result.plan.explain())
     if save_plan:
         atomic_write_text(save_plan, result.plan.to_json())
-    n = len(result.plan.all_quantized_nodes())
-    click.echo(f"wrote {output}: {n} of {len(result.plan.all_nodes())} nodes quantized")
+    click.echo(f"wrote {output}: {_summary(result.plan)}")
+
+
+def _summary(plan) -> str:
+    """'9 of 10 nodes quantized', or for the float recipes what they made of the nodes."""
+    from .types import Precision
+    nodes = plan.all_nodes()
+    int4 = sum(1 for n in nodes if n.kernel in ("MatMulNBits", "GatherBlockQuantized"))
+    half = sum(1 for n in nodes if n.precision is Precision.FP16)
+    other = sum(1 for n in nodes if n.quantized) - int4
+    if not (int4 or half):
+        return f"{other} of {len(nodes)} nodes quantized"
+    parts = [f"{k} {what}" for k, what in ((other, "quantized"), (int4, "with int4 weights"), (half, "in fp16")) if k]
+    return (f"{', '.join(parts)}, of {len(nodes)} nodes"
+            + (" (inputs and outputs fp16)" if getattr(plan, "io_fp16", False) else ""))
 
 
 def _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback, best_effort,

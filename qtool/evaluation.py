@@ -100,8 +100,11 @@ class OutputStats:
         self.noise += float((err * err).sum())
         rows = len(ref) if per_sample else 1
         a, b = ref64.reshape(rows, -1), cand.astype(np.float64).reshape(rows, -1)
-        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(denom > 0, (a * b).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        denom = na * nb
+        # two zero rows agree (1); a zero row against a non-zero one does not (0)
+        cos = np.where(denom > 0, (a * b).sum(axis=1) / np.where(denom > 0, denom, 1),
+                       np.where((na == 0) & (nb == 0), 1.0, 0.0))
         self.cos_sum += float(cos.sum())
         self.rows += rows
         if self.classifier:

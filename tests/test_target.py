@@ -282,3 +282,12 @@ def test_trt_on_cpu_computes_qdq_as_written(tmp_path):
     r = cli("quantize", SAMPLE, "--target", "trt", "--data", "calibration/fashion-mnist/calib.npz", "--eval-data",
             "calibration/fashion-mnist/eval.npz", "--min-speedup", 1, "-o", tmp_path / "s.onnx")
     assert r.exit_code == 2 and "judged on the target's EP" in r.output
+
+
+def test_cosine_of_a_zeroed_candidate_row_is_zero():
+    from qtool.evaluation import OutputStats
+    s = OutputStats("y")
+    ref = np.array([[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]], np.float32)
+    cand = np.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]], np.float32)
+    s.update(ref, cand)
+    assert s.result().cosine == pytest.approx(2 / 3)
