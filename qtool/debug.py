@@ -353,7 +353,7 @@ def _toposort(nodes: list, available: set[str]) -> list:
 
 
 def output_sensitivity(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches, threads: int | None = None,
-                       provider: str = "CPUExecutionProvider") -> dict[str, float]:
+                       provider: str = "CPUExecutionProvider", disabled: tuple[str, ...] = ()) -> dict[str, float]:
     """For every quantized node: the model outputs' SNR (dB) against fp32 with only that node
     quantized (its inputs from fp32 through its own Q/DQ, as onnxruntime's integer kernel computes
     it). Per batch one run of the isolated model gives every node's error at its output; the
@@ -368,8 +368,8 @@ def output_sensitivity(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batc
     pert, deltas = perturbed_model(reference, tensors)
     fetch_iso = list(dict.fromkeys(g.output for g in found)) + [iso[node_name(g.node)] for g in found]
     try:
-        sess_i = runtime.session(augment(iso_model, fetch_iso), provider, threads=threads)
-        sess_p = runtime.session(pert, provider, threads=threads)
+        sess_i = runtime.session(augment(iso_model, fetch_iso), provider, threads=threads, disabled=disabled)
+        sess_p = runtime.session(pert, provider, threads=threads, disabled=disabled)
     except ModelError as exc:
         raise InternalError(f"internal error: a sensitivity model does not load ({exc})") from None
     inputs = [i.name for i in reference.graph.input if i.name not in {t.name for t in reference.graph.initializer}]
@@ -501,8 +501,10 @@ def _q_params(view: GraphView, q: onnx.NodeProto):
 def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]],
             macs: dict[str, int] | None = None, table=None, threads: int | None = None,
             reference_path: str = "", candidate_path: str = "",
-            provider: str = "CPUExecutionProvider") -> DebugReport:
-    """Accumulated and isolated error of every quantized node, streamed over ``batches``, on ``provider``."""
+            provider: str = "CPUExecutionProvider", disabled: tuple[str, ...] = ()) -> DebugReport:
+    """Accumulated and isolated error of every quantized node, streamed over ``batches``, on ``provider``
+    (``disabled``: onnxruntime transformers left out, as :func:`qtool.runtime.target_session` does for a
+    TensorRT target on the CPU EP)."""
     from . import runtime
     from .calib.collect import augment
     from .errors import InternalError, ModelError
@@ -523,8 +525,9 @@ def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterab
     iso_fetch = [iso_out[n] for n in names]
     acc_fetch = [acc_out[n] for n in names]
     try:
-        sess_i = runtime.session(augment(iso_model, ref_fetch + iso_fetch), provider, threads=threads)
-        sess_a = runtime.session(augment(acc_model, acc_fetch), provider, threads=threads)
+        sess_i = runtime.session(augment(iso_model, ref_fetch + iso_fetch), provider, threads=threads,
+                                 disabled=disabled)
+        sess_a = runtime.session(augment(acc_model, acc_fetch), provider, threads=threads, disabled=disabled)
     except ModelError as exc:  # qtool built these models: a failure to load them is qtool's bug
         raise InternalError(f"internal error: debug's measuring model does not load ({exc}); please report "
                             "it with the model") from None
@@ -620,7 +623,7 @@ def plot(r: DebugReport, path: str, top: int = 40) -> None:
 
 def run(reference, candidate, data, table=None, preprocess: bool = True, batch_size: int | None = None,
         limit: int | None = None, threads: int | None = None, impact: bool = False, plan=None,
-        provider: str = "CPUExecutionProvider") -> DebugReport:
+        provider: str = "CPUExecutionProvider", disabled: tuple[str, ...] = ()) -> DebugReport:
     """``qtool debug``: prepare the fp32 model as ``quantize`` did, then :func:`measure`.
 
     ``plan`` (the one ``quantize --save-plan`` wrote): its pre-processing is used, it must belong
@@ -659,7 +662,7 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
     shapes = {i.name: tuple(first[i.name].shape) for i in p.model.graph.input if i.name in first}
     macs = macs_by_node(static_view(p.model, shapes)[0], unknown_as_one=True)
     report = measure(p.model, q, ds.batches(batch_size, limit), macs, table, threads, str(reference), str(candidate),
-                     provider)
+                     provider, disabled)
     from dataclasses import replace
     if plan is not None:
         quantized = {n.name for n in plan.quantized_nodes()}
@@ -668,5 +671,5 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
                                                             if n.name not in quantized))
     if not impact:
         return report
-    snr = output_sensitivity(p.model, q, ds.batches(batch_size, limit), threads, provider)
+    snr = output_sensitivity(p.model, q, ds.batches(batch_size, limit), threads, provider, disabled)
     return replace(report, nodes=tuple(replace(n, output_snr=snr.get(n.name)) for n in report.nodes))
