@@ -106,9 +106,11 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         notes.append("a TensorRT target on the CPU EP: both models ran with onnxruntime's CPU QDQ fusions off, so "
                      "each Q/DQ pair is computed as written, as TensorRT's int8 kernels compute it (the fused CPU "
                      "kernels saturate full 8-bit weights on x86 without VNNI); the latency is not TensorRT's")
+    disabled = runtime.QDQ_FUSIONS if runtime.emulates(choice) else ()
     sess_r = runtime.target_session(str(reference), choice, options.threads)
     sess_c = runtime.target_session(str(candidate), choice, options.threads)
-    provider = runtime.used_providers(sess_c)[0]
+    started = {"reference": runtime.used_providers(sess_r)[0], "candidate": runtime.used_providers(sess_c)[0]}
+    provider = started["candidate"]
     if choice.used != provider:
         notes.append(f"{choice.used} could not be created for this model; ran on {provider}")
     inputs = [i.name for i in sess_r.get_inputs()]
@@ -122,6 +124,14 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
                           samples_in(feeds))
     notes += comparison.notes
     lat_r, lat_c, ratios = runtime.time_pair(sess_r, sess_c, first, options.warmup, options.repeats)
+    # onnxruntime's Python API moves a session to its fallback providers (the CPU EP) when an EP fails
+    # during a run, with only a print: the EP that ran is read again after the runs
+    for which, sess in (("reference", sess_r), ("candidate", sess_c)):
+        now = runtime.used_providers(sess)[0]
+        if now != started[which]:
+            notes.append(f"the {which} left {started[which]} during the runs (onnxruntime fell back after an EP "
+                         f"failure): it finished on {now}")
+    provider = runtime.used_providers(sess_c)[0]
     batch = samples_in(first) if first else 1
     kernels = []
     for path, size in ((reference, size_ref), (candidate, size_cand)):
@@ -129,7 +139,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
             counts, note = None, (f"{Path(path).name}: kernel counts skipped, the model is {size / 1e9:.2f} GB and "
                                   "onnxruntime would write its optimised graph with every weight to a temporary folder")
         else:
-            counts, note = runtime.kernel_counts(str(path), choice.used, options.threads)
+            counts, note = runtime.kernel_counts(str(path), choice.used, options.threads, disabled)
         kernels.append(counts)
         if note:
             notes.append(note)
@@ -138,7 +148,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         from .profile import node_placement
         for i, (path, size) in enumerate(((reference, size_ref), (candidate, size_cand))):
             if size <= KERNEL_COUNT_MAX_BYTES:  # a profiled session of its own: skipped with the kernel counts
-                placement[i] = node_placement(str(path), choice.used, first, options.threads)
+                placement[i] = node_placement(str(path), choice.used, first, options.threads, disabled)
         off = {ep: ops for ep, ops in (placement[1] or {}).items() if ep != choice.used}
         if off:
             from .evaluation import describe_placement

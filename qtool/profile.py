@@ -302,22 +302,25 @@ def _bodies(node: onnx.NodeProto):
 # -- profiling ------------------------------------------------------------------------------------
 
 class _Profiled:
-    """A session with onnxruntime's profiler on, saving the graph it optimised."""
+    """A session with onnxruntime's profiler on, saving the graph it optimised (``save_optimized``:
+    onnxruntime refuses to save a graph an EP compiled, e.g. TensorRT's engines, and fails the
+    session). ``disabled``: graph transformers left out, as in :func:`qtool.runtime.session`."""
 
-    def __init__(self, model: onnx.ModelProto | str, provider: str, threads: int, folder: str, tag: str):
-        self.optimized_path = os.path.join(folder, f"{tag}.optimized.onnx")
+    def __init__(self, model: onnx.ModelProto | str, provider: str, threads: int, folder: str, tag: str,
+                 save_optimized: bool = True, disabled: tuple[str, ...] = ()):
+        self.optimized_path = os.path.join(folder, f"{tag}.optimized.onnx") if save_optimized else None
         # weights to a side file (never read back): only the graph is walked, and a big model fits
         opts = runtime.session_options(threads, True, self.optimized_path, f"{tag}.optimized.onnx.data")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(folder, tag)
         providers = runtime.provider_list(provider, model)
         if isinstance(model, str):  # a file: onnxruntime reads it (and its external data) itself
-            self.sess = runtime._session(model, opts, providers)
+            self.sess = runtime._session(model, opts, providers, disabled)
         elif model_io.by_path(model):
             with model_io.temp_model_file(model) as path:
-                self.sess = runtime._session(str(path), opts, providers)
+                self.sess = runtime._session(str(path), opts, providers, disabled)
         else:
-            self.sess = runtime._session(model.SerializeToString(), opts, providers)
+            self.sess = runtime._session(model.SerializeToString(), opts, providers, disabled)
         names = {i.name for i in self.sess.get_inputs()}
         self.names = names
 
@@ -341,14 +344,16 @@ class _Profiled:
 
 
 def node_placement(model: onnx.ModelProto | str, provider: str, feeds: dict[str, np.ndarray],
-                   threads: int | None = None) -> dict[str, dict[str, int]]:
+                   threads: int | None = None, disabled: tuple[str, ...] = ()) -> dict[str, dict[str, int]]:
     """Which EP ran each kernel of one run (onnxruntime's profile, after its optimisations and
-    fusions): provider -> op type -> number of kernels. Control-flow bodies count once per
-    kernel, not once per iteration."""
+    fusions, ``disabled`` left out as in the session it describes): provider -> op type -> number of
+    kernels. Control-flow bodies count once per kernel, not once per iteration. The optimised graph
+    is not saved: the profile names each kernel's EP, and onnxruntime cannot save the graph of an EP
+    that compiles its nodes (TensorRT)."""
     import tempfile
     with tempfile.TemporaryDirectory(prefix="qtool-placement-") as folder:
         prof = _Profiled(model if isinstance(model, onnx.ModelProto) else str(model), provider, threads or 1,
-                         folder, "placement")
+                         folder, "placement", save_optimized=False, disabled=disabled)
         prof.run(feeds)
         kernels, _ = prof.events()
     seen: dict[str, tuple[str, str]] = {}

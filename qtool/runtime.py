@@ -292,24 +292,32 @@ def time_pair(sess_a, sess_b, feeds: dict[str, np.ndarray], warmup: int = 5,
     return timings[0], timings[1], ta / np.maximum(tb, 1e-9)
 
 
-def kernel_counts(model: str, provider: str = PROVIDERS["cpu"],
-                  threads: int | None = None) -> tuple[Kernels | None, str | None]:
+def kernel_counts(model: str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
+                  disabled: tuple[str, ...] = ()) -> tuple[Kernels | None, str | None]:
     """What onnxruntime runs: integer kernels and Q/DQ left unfused in the optimised graph.
 
-    A session is made with ORT_ENABLE_ALL on ``provider`` (the same as the timed session)
-    and its optimised graph saved into a temporary folder (weights to a side file, never
-    read back), then its nodes, subgraphs included, are counted
-    (:func:`qtool.evaluation.count_kernels`). Returns ``(Kernels, None)``, or
-    ``(None, note)`` when onnxruntime cannot save the optimised graph (compiled nodes of
-    an EP such as TensorRT, a graph over 2 GB, ...).
+    A session is made with ORT_ENABLE_ALL on ``provider`` (the same as the timed session,
+    ``disabled`` transformers left out as there) and its optimised graph saved into a
+    temporary folder (weights to a side file, never read back), then its nodes, subgraphs
+    included, are counted (:func:`qtool.evaluation.count_kernels`). Returns
+    ``(Kernels, None)``, or ``(None, note)`` when onnxruntime cannot save the optimised
+    graph (a graph over 2 GB, ...); on the TensorRT EP, whose engines onnxruntime cannot
+    save (compiled nodes), without building one.
     """
     import tempfile
+    if provider == PROVIDERS["trt"]:
+        return None, (f"{os.path.basename(str(model))}: kernel counts unavailable on the TensorRT EP (it compiles "
+                      "the graph into engines, which onnxruntime cannot save); see which EP ran each kernel")
     with tempfile.TemporaryDirectory(prefix="qtool-opt-") as tmp:
         out = os.path.join(tmp, "optimized.onnx")
         try:
             opts = session_options(threads, True, out, "optimized.onnx.data")
             providers = provider_list(provider)
-            ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+            if disabled:
+                ort.InferenceSession(str(model), sess_options=opts, providers=providers,
+                                     disabled_optimizers=list(disabled))
+            else:
+                ort.InferenceSession(str(model), sess_options=opts, providers=providers)
             graph = onnx.load(out, load_external_data=False).graph
         except Exception as exc:
             text = " ".join(str(exc).split())[:200]

@@ -356,6 +356,10 @@ def _speed_phase(prepared, ref, nodes, final, build, evaluate, sopts, log, allow
             best, extra = step, trial_extra
         else:
             log(f"kept the float patterns float: {'a gate fails' if not step.passed else 'not faster'} with them int8")
+    if provider == runtime.PROVIDERS["trt"] and best.speed.median < want:
+        # onnxruntime cannot save (nor profile per node) the graph TensorRT compiles into engines
+        log("profile: none on the TensorRT EP (it compiles the graph into engines: no per-node kernel times)")
+        rounds = 0
     for _ in range(rounds):
         if best.speed.median >= want:
             break
