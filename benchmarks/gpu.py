@@ -80,9 +80,10 @@ def feeds_at(key: str, batch: int) -> dict[str, np.ndarray]:
     return out
 
 
-def accuracy(key: str, path: Path, reference: Path, provider: str, threads: int) -> dict:
-    """The model's metric on the EP that runs it."""
-    sess = runtime.session(str(path), provider, threads)
+def accuracy(key: str, path: Path, reference: Path, provider: str, threads: int, disabled: tuple = ()) -> dict:
+    """The model's metric on the EP that runs it (``disabled``: onnxruntime transformers left out of the
+    variant's session, see ``qtool.runtime.target_session``)."""
+    sess = runtime.session(str(path), provider, threads, disabled=disabled)
     if key == "minilm":
         import task as minilm
         data = CACHE / "minilm"
@@ -131,7 +132,8 @@ def main() -> int:
           + ("" if gpu else f" -- NO GPU: every figure below is from the CPU EP ({choice.note or 'asked for cpu'})"))
     variants = [v for v in args.variants.split(",") if v]
     if "trt-int8" in variants and trt.note:
-        print(f"trt-int8 runs on {trt.used} (its accuracy as onnxruntime computes it; no TensorRT timing): {trt.note}")
+        print(f"trt-int8 runs on {trt.used} with its QDQ fusions off (Q/DQ computed as written, as TensorRT does; "
+              f"no TensorRT timing): {trt.note}")
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="qtool-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -152,15 +154,18 @@ def main() -> int:
                 rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
                 continue
             ep = trt.used if name == "trt-int8" else provider
+            # TensorRT absent: its placement is judged as eval judges it, Q/DQ computed as written
+            disabled = runtime.QDQ_FUSIONS if name == "trt-int8" and runtime.emulates(trt) else ()
             rows[name] = {"path": str(path), "size": size(path), "quantize_s": round(time.perf_counter() - t0, 1),
-                          "metric": accuracy(key, path, ref, ep, args.threads), "ep": ep}
+                          "metric": accuracy(key, path, ref, ep, args.threads, disabled), "ep": ep,
+                          "disabled": list(disabled)}
         for batch in batches:
             feeds = feeds_at(key, batch)
             sess_ref = runtime.session(str(ref), provider, args.threads)
             for name, row in rows.items():
                 if name == "fp32" or "error" in row:
                     continue
-                sess = runtime.session(row["path"], row["ep"], args.threads)
+                sess = runtime.session(row["path"], row["ep"], args.threads, disabled=tuple(row["disabled"]))
                 ta, tb, ratios = runtime.time_pair(sess_ref, sess, feeds, warmup=3, repeats=args.repeats)
                 row.setdefault("latency", {})[str(batch)] = {
                     "fp32_ms": ta.median_ms, "ms": tb.median_ms, "speedup": float(np.median(ratios)),
