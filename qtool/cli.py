@@ -252,7 +252,7 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
              int4_method, int4_symmetric, keep_fp32, keep_io_types, eval_data, labels, max_drop,
              min_agreement, min_cosine, min_snr, min_speedup, task, max_task_drop, fallback, best_effort, speed,
              threads, max_evals, trail_path):
-    """int8 quantization: static (QDQ or QOperator) or dynamic, or a saved plan applied."""
+    """Quantize for a target: int8 (static QDQ or QOperator, or dynamic), int4 weights, fp16; or apply a saved plan."""
     from . import api
     from .config import override
     from .errors import QtoolError
@@ -439,7 +439,7 @@ def debug(reference, candidate, data, table, json_path, plot_path, top, batch_si
     if choice.note:
         click.echo(f"warning: {choice.note}", err=True)
     report = run(reference, candidate, data, table, preprocess, batch_size, limit, threads, impact, plan_path,
-                 choice.used)
+                 choice.used, runtime.QDQ_FUSIONS if runtime.emulates(choice) else ())
     click.echo(format_report(report, top))
     if json_path:
         atomic_write_text(json_path, report.to_json())
@@ -507,6 +507,9 @@ def eval_cmd(reference, candidate, data, from_path, labels, target, provider, ba
         if opts.provider != "cpu":
             from . import runtime
             note = runtime.pick_provider(opts.provider).note
+            if note and opts.min_speedup is not None:
+                raise QtoolError(f"--min-speedup is judged on the target's EP: {note.split(';')[0]} (drop the "
+                                 "speed gate, or run eval where that EP works)")
             if note:
                 click.echo(f"warning: {note}", err=True)
         report = api.evaluate(reference, candidate, data, labels, opts, limit)

@@ -31,7 +31,7 @@ import numpy as np
 from .errors import QtoolError
 
 REPORT_FORMAT = "qtool.eval"
-REPORT_FORMAT_VERSION = 2
+REPORT_FORMAT_VERSION = 3  # 3: target and per-EP kernel placement
 SPREAD_LIMIT = 0.5  # (p90 - p10) / median of the per-pair speedups above this: too wide to call
 
 # output names that mark a regression head, not class scores (see is_classifier_output)

@@ -92,6 +92,8 @@ def on_target(plan, view: GraphView, target: Target) -> TargetReport:
             continue
         kn = matmul_weight(node, view)
         table = embedding_table(node, view)
+        if target is Target.TRT:  # MatMulNBits/GatherBlockQuantized are not TensorRT layers (CUDA EP behind it)
+            kn = table = None
         if not n.quantized and kn is None and table is None:
             continue
         rows.append(_row(n, node, target, kn, table))

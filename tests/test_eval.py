@@ -112,7 +112,7 @@ def test_report_speedup_is_median_of_pairs_and_round_trips():
     r = synthetic(Speedup(1.2, 1.1, 1.3, 30))
     assert r.speedup == 1.2  # not 3.0 / 2.0, the ratio of the medians
     d = json.loads(r.to_json())
-    assert d["format_version"] == 2 and d["speedup"] == 1.2 and d["paired_speedup"]["p10"] == 1.1
+    assert d["format_version"] == 3 and d["speedup"] == 1.2 and d["paired_speedup"]["p10"] == 1.1
     assert Report.from_dict(d) == r
 
 
@@ -158,7 +158,7 @@ def test_eval_options_reject_nonpositive_speedup():
 
 def test_from_rejudges_without_inference(saved_report, tmp_path):
     saved = json.loads(saved_report.read_text())
-    assert saved["format_version"] == 2 and saved["paired_speedup"]["pairs"] == 4
+    assert saved["format_version"] == 3 and saved["paired_speedup"]["pairs"] == 4
     assert saved["kernels_candidate"]["integer"] and not saved["kernels_reference"]["integer"]
     r = cli("eval", "--from", saved_report, "--min-snr", 0)
     assert r.exit_code == 0 and "PASS min_snr" in r.output and "min_cosine" not in r.output  # new gates only

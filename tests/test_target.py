@@ -291,3 +291,18 @@ def test_cosine_of_a_zeroed_candidate_row_is_zero():
     cand = np.array([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]], np.float32)
     s.update(ref, cand)
     assert s.result().cosine == pytest.approx(2 / 3)
+
+
+def test_eval_refuses_a_speed_gate_on_a_fallen_back_target(cnn_files, tmp_path):
+    if not runtime.unavailable("CUDAExecutionProvider"):
+        pytest.skip("CUDA is usable here")
+    out = tmp_path / "q.onnx"
+    assert cli("quantize", cnn_files["model"], "--table", cnn_files["table"], "-o", out).exit_code == 0
+    r = cli("eval", cnn_files["model"], out, "--data", cnn_files["eval"], "--target", "cuda", "--min-speedup", 1)
+    assert r.exit_code == 2 and "judged on the target's EP" in r.output
+
+
+def test_inspect_trt_offers_no_int4(tmp_path):
+    path = models.save(models.matmul_mlp(), tmp_path / "mlp.onnx")
+    rows = json.loads(cli("inspect", path, "--target", "trt", "--json").output)["target"]["nodes"]
+    assert not any(n["choose"].startswith("int4") for n in rows)
