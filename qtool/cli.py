@@ -221,8 +221,8 @@ def _merge(paths, model, output):
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
               help="int4: weights per scale along K (default 32).")
 @click.option("--int4-method", type=click.Choice(["rtn", "hqq", "gptq"]), default=None,
-              help="int4 rounding: rtn (nearest, default), hqq (error-minimising, no data), gptq (error-minimising "
-                   "on the calibration data, needs --data).")
+              help="int4 rounding: rtn (nearest), hqq (error-minimising, no data), gptq (error-minimising on the "
+                   "calibration data, needs --data). Default: gptq with --data, rtn without.")
 @click.option("--int4-symmetric/--int4-asymmetric", default=None,
               help="int4: zero point fixed at 8, or one per block (default asymmetric).")
 @click.option("--keep-fp32", multiple=True, metavar="NAME_OR_OPTYPE",

@@ -95,7 +95,7 @@ class QuantizeOptions:
     half precision with the ops that need fp32 kept fp32 (``keep_fp32``, and
     those measured to need it). None: fp16 on cuda, int8 elsewhere; on cuda,
     int4 runs with fp16 activations. block_size, int4_method (rtn, hqq: data
-    free; gptq: needs calibration data) and int4_symmetric shape the int4
+    free; gptq: needs calibration data; None: gptq when data is given, else rtn) and int4_symmetric shape the int4
     weights. keep_io_types: an fp16 model keeps fp32 inputs and outputs.
     """
 
@@ -112,7 +112,7 @@ class QuantizeOptions:
     target: str = "cpu"
     weights: str | None = None
     block_size: int = 32
-    int4_method: str = "rtn"
+    int4_method: str | None = None
     int4_symmetric: bool = False
     keep_fp32: tuple[str, ...] = ()
     keep_io_types: bool = True
@@ -122,7 +122,8 @@ class QuantizeOptions:
         _choice("quantize.target", self.target, TARGETS)
         if self.weights is not None:
             _choice("quantize.weights", self.weights, WEIGHT_RECIPES)
-        _choice("quantize.int4_method", self.int4_method, INT4_METHODS)
+        if self.int4_method is not None:
+            _choice("quantize.int4_method", self.int4_method, INT4_METHODS)
         if self.block_size not in BLOCK_SIZES:
             raise ConfigError(f"quantize.block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, "
                               f"got {self.block_size!r}")

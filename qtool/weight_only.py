@@ -170,8 +170,11 @@ def tensor_plan(c: Candidate, q: int4.Quantized, symmetric: bool, reason: str, w
 
 def plan_int4(p, options, data, calibrate_options) -> Plan:
     """The resolved weight-only int4 plan of the prepared model ``p`` (``data``: a Dataset
-    or None; only gptq reads it)."""
+    or None; only gptq reads it). No ``int4_method``: gptq when there is data, rtn without."""
+    from dataclasses import replace
     from .planner import match_overrides
+    if options.int4_method is None:
+        options = replace(options, int4_method="gptq" if data is not None else "rtn")
     view = GraphView(p.model)
     method, bs = options.int4_method, options.block_size
     if method == "gptq" and data is None:

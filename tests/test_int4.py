@@ -388,3 +388,15 @@ def test_minilm_int4_size_and_kernels(tmp_path):
     got, want = session(r.output).run(None, feeds)[0], session(MINILM).run(None, feeds)[0]
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     assert cos.mean() > 0.95
+
+
+def test_default_method_uses_the_data_when_given(tmp_path, net_files):
+    """No --int4-method: gptq when there is data to minimise the error on, round-to-nearest without."""
+    with_data = qtool.quantize(net_files["model"], tmp_path / "g.onnx", data=net_files["calib"],
+                               options=QuantizeOptions(weights="int4", block_size=16))
+    without = qtool.quantize(net_files["model"], tmp_path / "r.onnx", options=QuantizeOptions(weights="int4",
+                                                                                               block_size=16))
+    assert any(t.codes for t in with_data.plan.tensors.values())  # gptq's own codes
+    assert not any(t.codes for t in without.plan.tensors.values())
+    assert any("gptq" in n.reason for n in with_data.plan.nodes)
+    assert any("rtn" in n.reason for n in without.plan.nodes)
