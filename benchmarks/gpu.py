@@ -6,8 +6,8 @@ variant is made with qtool, then run on the chosen execution provider at batch 1
   fp32        the model as exported
   fp16        qtool quantize --target cuda                (half precision, fp32 where measured)
   int8-qdq    qtool quantize (static int8 QDQ, the CPU recipe; fake-quantized on the CUDA EP)
-  int4        qtool quantize --target cuda --weights int4 --block-size 32  (fp16 + MatMulNBits)
-  int4-cpu    qtool quantize --weights int4 --block-size 32                (fp32 + MatMulNBits)
+  int4        qtool quantize --target cuda --weights int4 --block-size 32  (fp16 + MatMulNBits, gptq)
+  int4-cpu    qtool quantize --weights int4 --block-size 32                (fp32 + MatMulNBits, gptq)
   trt-int8    qtool quantize --target trt, run on the TensorRT EP (only when that EP is present)
 
 Columns: the accuracy metric (sample: top-1 accuracy on its labels; EfficientNet: top-1
@@ -63,9 +63,8 @@ VARIANTS = {
 def make_variant(name: str, key: str, work: Path) -> Path:
     spec = MODELS[key]
     out = work / f"{key}.{name}.onnx"
-    options = QuantizeOptions(**VARIANTS[name])
-    needs_data = options.recipe == "int8" or options.recipe == "fp16"
-    api.quantize(spec["model"], out, data=spec["calib"] if needs_data else None, options=options)
+    # every recipe reads the calibration data: int8 ranges, fp16's measured keep list, int4's gptq
+    api.quantize(spec["model"], out, data=spec["calib"], options=QuantizeOptions(**VARIANTS[name]))
     return out
 
 
@@ -80,6 +79,9 @@ def feeds_at(key: str, batch: int) -> dict[str, np.ndarray]:
     return out
 
 
+_REF_EMBEDDINGS: dict = {}
+
+
 def accuracy(key: str, path: Path, reference: Path, provider: str, threads: int, disabled: tuple = ()) -> dict:
     """The model's metric on the EP that runs it (``disabled``: onnxruntime transformers left out of the
     variant's session, see ``qtool.runtime.target_session``)."""
@@ -89,8 +91,10 @@ def accuracy(key: str, path: Path, reference: Path, provider: str, threads: int,
         data = CACHE / "minilm"
         meta = minilm.load_meta(data)
         emb = minilm.embed_batches(sess, minilm.iter_batches(data, meta))
-        ref = minilm.embed_batches(runtime.session(str(reference), provider, threads),
-                                   minilm.iter_batches(data, meta))
+        if (reference, provider) not in _REF_EMBEDDINGS:
+            _REF_EMBEDDINGS[(reference, provider)] = minilm.embed_batches(
+                runtime.session(str(reference), provider, threads), minilm.iter_batches(data, meta))
+        ref = _REF_EMBEDDINGS[(reference, provider)]
         cos = (emb * ref).sum(axis=1)
         return {"retrieval_top1": minilm.retrieval_top1(emb, meta)[0], "mean_cosine": float(cos.mean()),
                 "min_cosine": float(cos.min())}

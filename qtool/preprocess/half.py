@@ -187,12 +187,17 @@ def _rename_reads(g: onnx.GraphProto, old: str, new: str) -> None:
         for k, i in enumerate(n.input):
             if i == old:
                 n.input[k] = new
-        for a in n.attribute:
-            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-                own = {i.name for i in sub.input} | {t.name for t in sub.initializer} | \
-                      {o for sn in sub.node for o in sn.output}
-                if old not in own:
-                    _rename_reads(sub, old, new)
-                    for o in sub.output:
-                        if o.name == old:
-                            o.name = new
+        rename_in_bodies(n, old, new)
+
+
+def rename_in_bodies(node: onnx.NodeProto, old: str, new: str) -> None:
+    """The implicit reads of ``old`` in ``node``'s subgraphs (those not shadowed by their own names)."""
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            own = {i.name for i in sub.input} | {t.name for t in sub.initializer} | \
+                  {o for sn in sub.node for o in sn.output}
+            if old not in own:
+                _rename_reads(sub, old, new)
+                for o in sub.output:
+                    if o.name == old:
+                        o.name = new

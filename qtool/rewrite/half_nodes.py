@@ -30,6 +30,7 @@ from ..errors import PlanError
 from ..graph import node_name, subgraph_reads
 from ..plans import NodePlan, Plan
 from ..types import Precision, Target
+from ..preprocess.half import rename_in_bodies
 from .half_ops import (CPU_HALF_KERNELS, FLOAT, HALF, HALF_OPS, INT4_KERNELS, Slots, elem_types,  # noqa: F401
                        half_slots, is_agnostic, opset_of)
 from .names import Names
@@ -168,7 +169,7 @@ class _Regions:
                 if (idx, t) in self.bypass:
                     _drop_body_casts(self.bypass[(idx, t)], names[(t, HALF)])
                 elif self.is_float(t) and names.get((t, FLOAT), t) != t:
-                    _rename_in_bodies(node, t, names[(t, FLOAT)])
+                    rename_in_bodies(node, t, names[(t, FLOAT)])
             if s is not None:
                 _to_half_attributes(node, s)
             produced = [o for o in node.output if self.is_float(o)]
@@ -243,20 +244,6 @@ def _to_half_attributes(node: onnx.NodeProto, s: Slots) -> None:
         node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(_saturated(value))))
 
 
-def _rename_in_bodies(node: onnx.NodeProto, old: str, new: str) -> None:
-    """The implicit reads of ``old`` in ``node``'s subgraphs (those not shadowed by their own names)."""
-    from ..preprocess.half import _rename_reads as rename_graph_reads
-    for a in node.attribute:
-        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
-            own = {i.name for i in sub.input} | {t.name for t in sub.initializer} | \
-                  {o for n in sub.node for o in n.output}
-            if old not in own:
-                rename_graph_reads(sub, old, new)
-                for o in sub.output:
-                    if o.name == old:
-                        o.name = new
-
-
 def _body_casts_to_half(node: onnx.NodeProto, t: str) -> list | None:
     """The (body, Cast) pairs when every read of outer ``t`` in ``node``'s bodies is a Cast to
     fp16 of the body's own border (not nested deeper, not a body output), else None."""
@@ -324,7 +311,7 @@ def _rename_reads(nodes: list, old: str, new: str) -> None:
         for k, i in enumerate(n.input):
             if i == old:
                 n.input[k] = new
-        _rename_in_bodies(n, old, new)
+        rename_in_bodies(n, old, new)
 
 
 def _cast_to(n: onnx.NodeProto) -> int | None:
