@@ -235,12 +235,16 @@ def _quantize_weights(view: GraphView, chosen: dict[str, Candidate], hessians: d
         by_weight.setdefault(c.weight, []).append(c)
     tensors = {}
     for weight, cs in by_weight.items():
-        c = cs[0]
+        # a table may also be a transB Gemm's weight (tied embeddings): the table's rules hold for
+        # both readers, and gptq's Hessian comes from the Gemm's inputs only
+        linear = [x for x in cs if x.op_type != "Gather"]
+        table = next((x for x in cs if x.op_type == "Gather"), None)
+        c = table or cs[0]
         array = view.array(weight).astype(np.float32)
         m = rows_of(array, c.axis)
-        sym, how = _table_symmetry(c, m.shape[1], options) if c.op_type == "Gather" else (symmetric, "")
-        used = method if c.op_type != "Gather" or method != "gptq" else "rtn"
-        h = sum(hessians[x.activation] for x in cs) if used == "gptq" else None
+        sym, how = _table_symmetry(c, m.shape[1], options) if table is not None else (symmetric, "")
+        used = method if linear or method != "gptq" else "rtn"
+        h = sum(hessians[x.activation] for x in linear) if used == "gptq" else None
         q = int4.quantize(m, bs, sym, used, h)
         tensors[weight] = tensor_plan(c, q, sym, _weight_reason(c, used, bs, sym, method) + how,
                                       with_codes=used == "gptq")

@@ -400,3 +400,31 @@ def test_default_method_uses_the_data_when_given(tmp_path, net_files):
     assert not any(t.codes for t in without.plan.tensors.values())
     assert any("gptq" in n.reason for n in with_data.plan.nodes)
     assert any("rtn" in n.reason for n in without.plan.nodes)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_tied_table_read_by_a_gemm_too(tmp_path, method):
+    """Tied embeddings: one table gathered and read by a transB Gemm. Each kernel gets its own
+    layout (MatMulNBits' B is [N, blocks, block/2], GatherBlockQuantized's data [V, D/2]), and
+    gptq's Hessian comes from the Gemm's input only (the Gemm is read first here)."""
+    rng = np.random.default_rng(4)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    net (float[B, 64] x, int64[B] ids) => (float[B, 64] y) {
+        g = Gemm <transB = 1> (x, table)
+        e = Gather (table, ids)
+        y = Add (g, e)
+    }
+    """
+    path = models.save(models._with_weights(text, {"table": rng.normal(0, 1, (64, 64))}), tmp_path / "tied.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (16, 64)).astype(np.float32),
+             ids=rng.integers(0, 64, 16).astype(np.int64))
+    r = qtool.quantize(path, tmp_path / "t.onnx", data=tmp_path / "d.npz" if method == "gptq" else None,
+                       options=QuantizeOptions(weights="int4", int4_method=method))
+    assert ops(r.output) == {"MatMulNBits": 1, "GatherBlockQuantized": 1, "Add": 1}
+    feeds = {"x": rng.normal(0, 1, (8, 64)).astype(np.float32), "ids": rng.integers(0, 64, 8).astype(np.int64)}
+    got, want = session(r.output).run(None, feeds)[0], session(path).run(None, feeds)[0]
+    assert (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want) > 0.98
+    plan = tmp_path / "p.json"
+    plan.write_text(r.plan.to_json())
+    assert sha(qtool.quantize(path, tmp_path / "again.onnx", plan=plan).output) == sha(r.output)

@@ -39,7 +39,7 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     out.CopyFrom(model)
     view = GraphView(out)
     names = Names(out)
-    made: dict[tuple[str, int], list[str]] = {}
+    made: dict[tuple[str, str, int], list[str]] = {}
     body = []
     for node in view.nodes:
         decided = kernels.get(view.node_name(node))
@@ -48,13 +48,13 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             continue
         t = plan.tensors[decided.inputs[0]]
         half = decided.kernel == KERNEL and view.elem_type(node.input[0]) == HALF
-        key = (t.name, int(half))
+        key = (t.name, decided.kernel, int(half))  # a tied table read by a Gemm too: each kernel its own layout
         if key not in made:
             made[key] = _initializers(out, view, names, t, decided.kernel, half)
         body.extend(_nodes(node, view.node_name(node), decided, made[key], t, view, names))
     del out.graph.node[:]
     out.graph.node.extend(body)
-    _drop_unread(out, {w for w, _ in made})
+    _drop_unread(out, {w for w, _, _ in made})
     qdq.ensure_ms_opset(out)
     return out
 
