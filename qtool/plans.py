@@ -240,9 +240,12 @@ class Plan:
             try:
                 if not isinstance(n, dict):
                     raise ValueError("each node must be a JSON object")
-                nodes.append(NodePlan.from_dict(n))
+                parsed_node = NodePlan.from_dict(n)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ValueError(f"nodes[{i}]: {_why(exc)}") from None
+            if any(m.name == parsed_node.name for m in nodes):
+                raise ValueError(f"node {parsed_node.name!r} is listed twice")
+            nodes.append(parsed_node)
         subs = data.get("subgraphs", {})
         if not isinstance(subs, dict):
             raise ValueError("subgraphs must be an object: {\"<node>/<attribute>\": plan}")

@@ -353,6 +353,7 @@ def test_gptq_without_data_says_it_needs_data(tmp_path, net_files):
     (lambda d: d["tensors"][0].update(granularity={"kind": "per-block", "axis": 0, "size": 24}), "per-block"),
     (lambda d: next(n for n in d["nodes"] if n["kernel"]).update(kernel="QLinearMatMul"), "only as"),
     (lambda d: next(n for n in d["nodes"] if n["op_type"] == "Gemm").update(bias=""), "bias"),
+    (lambda d: d["nodes"].append(dict(d["nodes"][1])), "'MatMul\\(h\\)' is listed twice"),
 ])
 def test_edited_plan_is_refused_with_the_reason(tmp_path, net_files, edit, message):
     r = qtool.quantize(net_files["model"], tmp_path / "a.onnx", options=QuantizeOptions(weights="int4"))
