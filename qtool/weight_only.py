@@ -378,7 +378,28 @@ def check_plan(plan: Plan, view: GraphView) -> None:
     for t in plan.tensors.values():
         _check_tensor(t, readers.get(t.name, []), view)
     if plan.subgraphs:
-        _fail("subgraphs", "a weight-only plan plans the main graph only; remove \"subgraphs\"")
+        _check_bodies(plan, view)
+
+
+def _check_bodies(plan: Plan, view: GraphView) -> None:
+    """Body plans (written by the fp16 pass of --target cuda --weights int4): one per If/Loop/Scan
+    body, float or fp16 nodes only (int4 plans the main graph only)."""
+    from .subgraphs import bodies, lift
+    keys = {b.key: b for b in bodies(view.model)}
+    for key in plan.subgraphs:
+        if key not in keys:
+            _fail(f"subgraph {key!r}", "is not a subgraph of this model (expected <If/Loop/Scan node>/<attribute>)")
+    for key, b in keys.items():
+        sub = plan.subgraphs.get(key)
+        if sub is None:
+            _fail(f"subgraph {key!r}", "is in the model but not in the plan")
+        if sub.tensors or sub.quantized_nodes():
+            _fail(f"subgraph {key!r}", "weight-only int4 plans the main graph only: a body's nodes are float or "
+                                       "fp16, with no tensors")
+        try:
+            check_plan(sub, GraphView(lift(view.model, b)))
+        except PlanError as exc:
+            raise PlanError(str(exc).replace("plan ", f"plan subgraph {key!r}: ", 1)) from None
 
 
 def _fail(what: str, message: str):

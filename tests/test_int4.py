@@ -429,3 +429,47 @@ def test_tied_table_read_by_a_gemm_too(tmp_path, method):
     plan = tmp_path / "p.json"
     plan.write_text(r.plan.to_json())
     assert sha(qtool.quantize(path, tmp_path / "again.onnx", plan=plan).output) == sha(r.output)
+
+
+def if_model() -> onnx.ModelProto:
+    """A 64x64 MatMul, then an If whose branches each hold one more MatMul."""
+    rng = np.random.default_rng(6)
+
+    def branch(name, w):
+        return helper.make_graph([helper.make_node("MatMul", ["h", w], [f"{name}_o"], name=f"{name}_mm")], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_o", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="mm0"),
+             helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="rs"),
+             helper.make_node("ReduceSum", ["s"], ["s2"], keepdims=0, name="rs2"),
+             helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.float32)),
+                              name="c0"),
+             helper.make_node("Greater", ["s2", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then", "w1"),
+                              else_branch=branch("else", "w2"))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 64])],
+                          [numpy_helper.from_array(rng.normal(0, .1, (64, 64)).astype(np.float32), n)
+                           for n in ("w0", "w1", "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_cuda_int4_plan_with_fp16_bodies_reapplies(tmp_path):
+    """--target cuda --weights int4 on a model with If bodies: the fp16 pass plans the bodies, and
+    --plan takes that plan back (it refused any subgraphs) and rebuilds the same bytes; a body
+    plan with an int4 node is refused (int4 plans the main graph only)."""
+    path = models.save(if_model(), tmp_path / "if.onnx")
+    r = qtool.quantize(path, tmp_path / "a.onnx", options=QuantizeOptions(target="cuda", weights="int4"))
+    assert ops(r.output)["MatMulNBits"] == 1 and set(r.plan.subgraphs) == {"if/then_branch", "if/else_branch"}
+    plan = tmp_path / "p.json"
+    plan.write_text(r.plan.to_json())
+    assert sha(qtool.quantize(path, tmp_path / "b.onnx", plan=plan).output) == sha(r.output)
+    x = np.random.default_rng(7).normal(0, 1, (8, 64)).astype(np.float32)
+    got, want = session(r.output).run(None, {"x": x})[0], session(path).run(None, {"x": x})[0]
+    assert (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want) > 0.98
+    d = json.loads(plan.read_text())
+    d["subgraphs"]["if/then_branch"]["nodes"][0].update(precision="uint4", kernel="MatMulNBits", inputs=["w1"])
+    plan.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="subgraph 'if/then_branch'.*main graph only"):
+        qtool.quantize(path, tmp_path / "c.onnx", plan=plan)
