@@ -40,13 +40,15 @@ STATIC_KINDS = ("exp", "square")
 def plan_half(p, options: QuantizeOptions, base: Plan | None, data, calibrate_options: CalibrateOptions) -> Plan:
     """The fp16 plan of prepared model ``p`` (see the module doc). ``data``: a Dataset or None."""
     from .subgraphs import bodies, lift, node_keys
-    keep = _requested(p.model, options.keep_fp32, node_keys(p.model))
+    known = node_keys(p.model)
+    keep = _requested(p.model, options.keep_fp32, known)
     static = data is None
-    nodes, groups = decide(p.model, keep, base, static)
+    nodes, groups = decide(p.model, keep, base, static, _overrides(p.model, options, known))
     subgraphs = {}
     for b in bodies(p.model):
         body_base = base.subgraphs.get(b.key) if base is not None else None
-        subgraphs[b.key] = _body_plan(lift(p.model, b), keep, body_base, options)
+        lifted = lift(p.model, b)
+        subgraphs[b.key] = _body_plan(lifted, keep, body_base, options, _overrides(lifted, options, known))
     notes = _notes(p, options, base, static)
     if base is None:
         plan = Plan({}, tuple(nodes), notes, "fp16", "qdq", options.target_enum, resolved=True,
@@ -64,8 +66,9 @@ def plan_half(p, options: QuantizeOptions, base: Plan | None, data, calibrate_op
     return replace(plan, notes=plan.notes + (count,))
 
 
-def _body_plan(lifted: onnx.ModelProto, keep: frozenset[str], base: Plan | None, options: QuantizeOptions) -> Plan:
-    nodes, _ = decide(lifted, keep, base, static=True)
+def _body_plan(lifted: onnx.ModelProto, keep: frozenset[str], base: Plan | None, options: QuantizeOptions,
+               overrides: dict[str, str]) -> Plan:
+    nodes, _ = decide(lifted, keep, base, static=True, overrides=overrides)
     if base is not None:
         return replace(base, nodes=tuple(nodes))
     return Plan({}, tuple(nodes), (), "fp16", "qdq", options.target_enum, resolved=True)
@@ -81,9 +84,27 @@ def _requested(model: onnx.ModelProto, keep_fp32: tuple[str, ...], known: frozen
     return frozenset(keep_fp32)
 
 
-def decide(model: onnx.ModelProto, keep: frozenset[str], base: Plan | None, static: bool):
+def _overrides(model: onnx.ModelProto, options: QuantizeOptions, known: frozenset[str]) -> dict[str, str]:
+    """Node name -> why it stays fp32, for ``--precision``/``--exclude`` requests in ``model``'s main
+    graph (``known``: every node name and op type of the whole model, so a key of another graph is
+    no error and a typo is): fp32 as asked; an integer precision has no place in an fp16 model (the
+    int4 plan keeps such a node float too); fp16 is the default here."""
+    from .planner import match_overrides
+    out = {}
+    for name, wanted in match_overrides(GraphView(model), options, known).items():
+        if wanted is Precision.FP32:
+            out[name] = "kept fp32 on request (--precision NAME=fp32 or --exclude)"
+        elif wanted is not Precision.FP16:
+            out[name] = f"--precision NAME={wanted.label} does not apply to an fp16 model: stays fp32"
+    return out
+
+
+def decide(model: onnx.ModelProto, keep: frozenset[str], base: Plan | None, static: bool,
+           overrides: dict[str, str] | None = None):
     """Every node's NodePlan in ``model``'s main graph, and the suspect groups among its fp16
-    nodes (kept float32 already when ``static``)."""
+    nodes (kept float32 already when ``static``). ``overrides``: node name -> why it stays fp32
+    (``--precision``/``--exclude``)."""
+    overrides = overrides or {}
     from .half_search import STATIC_WHY, suspect_groups
     view = GraphView(model)
     types = elem_types(model.graph, opset_of(model))
@@ -94,6 +115,9 @@ def decide(model: onnx.ModelProto, keep: frozenset[str], base: Plan | None, stat
         planned = base.node(name) if base is not None else None
         if planned is not None and planned.kernel in INT4_KERNELS:
             nodes.append(planned)
+            continue
+        if name in overrides:
+            nodes.append(NodePlan(name, node.op_type, Precision.FLOAT, overrides[name]))
             continue
         nodes.append(NodePlan(name, node.op_type, *_decision(node, name, keep, types, opset)))
     groups = [g for g in suspect_groups(view) if any(_is_half(nodes, n) for n in g.nodes)]

@@ -181,7 +181,8 @@ def plan_int4(p, options, data, calibrate_options) -> Plan:
         raise QtoolError("--int4-method gptq needs --data (the MatMuls' input activations, from which it builds "
                          "each layer's Hessian; a calibration table holds only ranges, not activations): give "
                          "--data, or use --int4-method rtn or hqq, which need none")
-    overrides = match_overrides(view, options)
+    from .subgraphs import node_keys
+    overrides = match_overrides(view, options, node_keys(p.model))  # a body's node: no error, stays float there
     chosen, reasons = _choose(candidates(view, bs), overrides)
     if not chosen:
         raise QtoolError("--weights int4 found nothing to quantize (no MatMul/Gemm with a constant 2-D weight of "

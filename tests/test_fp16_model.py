@@ -503,3 +503,36 @@ def test_measured_keep_list_keeps_only_the_group_that_needs_it(tmp_path):
     assert len(casts(h)) == crossings(src, fp16_nodes(plan))
     got = run(out, feeds)[0]
     assert np.isfinite(got).all() and min_cosine(run(src, feeds)[0], got) >= 0.999
+
+
+def test_precision_and_exclude_keep_fp32_in_an_fp16_model(tmp_path):
+    """--exclude and --precision NAME=fp32 keep a node fp32 in an fp16 model too (they were
+    ignored: the node ran fp16), an integer request keeps it fp32 with its reason, a key that
+    matches nothing is an error, and on --target cuda --weights int4 a node kept float by request
+    stays float rather than becoming fp16."""
+    m = models.small_cnn()
+    src = models.save(m, tmp_path / "m.onnx")
+    out, plan = tmp_path / "h.onnx", tmp_path / "plan.json"
+    r = cli("quantize", src, "-o", out, "--weights", "fp16", "--save-plan", plan, "--exclude", "Relu",
+            "--precision", "Conv(c1)=fp32", "--precision", "Gemm(g1)=int8")
+    assert r.exit_code == 0, r.output
+    nodes = {n["name"]: n for n in json.loads(plan.read_text())["nodes"]}
+    kept = {"Relu(r1)", "Relu(r2)", "Relu(r3)", "Conv(c1)", "Gemm(g1)"}
+    assert {k for k, n in nodes.items() if n["precision"] != "fp16"} == kept
+    assert "on request" in nodes["Conv(c1)"]["reason"] and "int8 does not apply" in nodes["Gemm(g1)"]["reason"]
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    r = cli("quantize", src, "-o", tmp_path / "x.onnx", "--weights", "fp16", "--exclude", "Conv(c9)")
+    assert r.exit_code == 2 and "matches no node" in r.output
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                           helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")], "g",
+                          [vi("x", T.FLOAT, ["N", 32])], [vi("y", T.FLOAT, ["N", 32])],
+                          [numpy_helper.from_array(rng.normal(0, .2, (32, 32)).astype(np.float32), w)
+                           for w in ("w1", "w2")])
+    wsrc = models.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                       tmp_path / "w.onnx")
+    r = cli("quantize", wsrc, "-o", tmp_path / "c.onnx", "--target", "cuda", "--weights", "int4",
+            "--exclude", "mm1", "--save-plan", plan)
+    assert r.exit_code == 0, r.output
+    nodes = {n["name"]: n for n in json.loads(plan.read_text())["nodes"]}
+    assert nodes["mm1"]["precision"] == "float" and nodes["mm2"]["kernel"] == "MatMulNBits"

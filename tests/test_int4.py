@@ -473,3 +473,7 @@ def test_cuda_int4_plan_with_fp16_bodies_reapplies(tmp_path):
     plan.write_text(json.dumps(d))
     with pytest.raises(PlanError, match="subgraph 'if/then_branch'.*main graph only"):
         qtool.quantize(path, tmp_path / "c.onnx", plan=plan)
+    # a body's node named in --exclude is no error (int4 leaves bodies float; the fp16 pass keeps it fp32)
+    r = qtool.quantize(path, tmp_path / "d.onnx", options=QuantizeOptions(target="cuda", weights="int4",
+                                                                       exclude=("then_mm",)))
+    assert r.plan.subgraphs["if/then_branch"].node("then_mm").precision.label == "float"
