@@ -283,6 +283,8 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                      int4_method=int4_method, int4_symmetric=int4_symmetric,
                      keep_fp32=tuple(cfg.quantize.keep_fp32) + tuple(keep_fp32) if keep_fp32 else None,
                      keep_io_types=keep_io_types)
+    _check_recipe_flags(qopts, per_channel, block_size, int4_method, int4_symmetric, keep_fp32, keep_io_types,
+                        activation_type, weight_type, method)
     copts = override(cfg.calibrate, method=method)
     gates = dict(max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine, min_snr=min_snr,
                  min_speedup=min_speedup, max_task_drop=max_task_drop)
@@ -330,6 +332,27 @@ def _summary(plan) -> str:
     parts = [f"{k} {what}" for k, what in ((other, "quantized"), (int4, "with int4 weights"), (half, "in fp16")) if k]
     return (f"{', '.join(parts)}, of {len(nodes)} nodes"
             + (" (inputs and outputs fp16)" if getattr(plan, "io_fp16", False) else ""))
+
+
+def _check_recipe_flags(qopts, per_channel, block_size, int4_method, int4_symmetric, keep_fp32, keep_io_types,
+                        activation_type, weight_type, method) -> None:
+    """Refuse flags the chosen recipe would silently ignore."""
+    from .errors import QtoolError
+    recipe = qopts.recipe
+    half = recipe == "fp16" or (recipe == "int4" and qopts.target == "cuda")
+    ignored = {
+        "--block-size": block_size, "--int4-method": int4_method, "--int4-symmetric/--int4-asymmetric": int4_symmetric,
+    } if recipe != "int4" else {}
+    if not half:
+        ignored.update({"--keep-fp32": keep_fp32 or None, "--keep-io-types": keep_io_types})
+    if recipe != "int8":
+        ignored.update({"--per-channel/--per-tensor": per_channel, "--activation-type": activation_type,
+                        "--weight-type": weight_type, "--method": method})
+    given = [flag for flag, value in ignored.items() if value is not None]
+    if given:
+        what = {"int8": "int8 (the default on this target)", "int4": "int4 weights", "fp16": "fp16"}[recipe]
+        raise QtoolError(f"{given[0]} does not apply to {what}" + (" on the cpu target (fp32 activations)"
+                                                                   if recipe == "int4" and not half else ""))
 
 
 def _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback, best_effort,

@@ -134,6 +134,9 @@ class QuantizeOptions:
         if self.target == "trt" and self.mode == "dynamic":
             raise ConfigError("--target trt: TensorRT has no dynamic quantization; quantize in static mode "
                               "(--table or --data)")
+        if self.target == "trt" and self.recipe == "int4":
+            raise ConfigError("--target trt with --weights int4: MatMulNBits is no TensorRT layer (it would run on "
+                              "the CUDA EP behind TensorRT); use --target cuda for int4 weights, or int8 for trt")
         if self.recipe != "int8" and (self.mode == "dynamic" or self.format == "qoperator"):
             raise ConfigError(f"--weights {self.recipe} quantizes no activations: --mode dynamic and --format "
                               "qoperator are int8 choices")

@@ -306,3 +306,45 @@ def test_inspect_trt_offers_no_int4(tmp_path):
     path = models.save(models.matmul_mlp(), tmp_path / "mlp.onnx")
     rows = json.loads(cli("inspect", path, "--target", "trt", "--json").output)["target"]["nodes"]
     assert not any(n["choose"].startswith("int4") for n in rows)
+
+
+@pytest.mark.parametrize("recipe", [("--weights", "int4"), ("--mode", "dynamic"), ("--target", "cuda")])
+def test_nodes_out_of_topological_order_are_sorted(tmp_path, recipe):
+    """Some converters (onnxruntime's fp16 converter among them) append nodes out of order;
+    onnxruntime runs such models, and qtool must quantize them rather than report its own bug."""
+    import onnx
+    m = models.matmul_mlp()
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(reversed(nodes))
+    src = models.save(m, tmp_path / "unsorted.onnx")
+    before = (tmp_path / "unsorted.onnx").read_bytes()
+    out = tmp_path / "q.onnx"
+    r = cli("quantize", src, *recipe, "-o", out)
+    assert r.exit_code == 0, r.output
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert (tmp_path / "unsorted.onnx").read_bytes() == before
+    feeds = models.random_inputs(models.matmul_mlp(), 4)
+    want = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.abs(got - want).max() <= 0.2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("args,flag", [
+    (("--weights", "int4", "--keep-fp32", "Relu"), "--keep-fp32"),
+    (("--weights", "int4", "--per-tensor"), "--per-channel"),
+    (("--weights", "fp16", "--block-size", "64"), "--block-size"),
+    (("--target", "cuda", "--int4-method", "hqq"), "--int4-method"),
+    (("--weights", "int4", "--target", "trt"), "MatMulNBits is no TensorRT layer"),
+    (("--data", "calibration/fashion-mnist/calib.npz", "--keep-io-types", "false"), "--keep-io-types"),
+])
+def test_flags_a_recipe_would_ignore_are_refused(tmp_path, args, flag):
+    out = tmp_path / "x.onnx"
+    r = cli("quantize", SAMPLE, *args, "-o", out)
+    assert r.exit_code == 2 and flag in r.output and not out.exists(), r.output
+
+
+def test_cuda_int4_takes_the_fp16_flags(tmp_path):
+    r = cli("quantize", SAMPLE, "--target", "cuda", "--weights", "int4", "--keep-fp32", "Relu",
+            "--keep-io-types", "false", "-o", tmp_path / "x.onnx")
+    assert r.exit_code == 0 and "inputs and outputs fp16" in r.output, r.output

@@ -265,6 +265,54 @@ def einsum_as_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | Non
     return rewrite_einsum(model)
 
 
+def sort_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """Nodes in topological order (ONNX requires it; some converters, onnxruntime's own fp16
+    converter among them, append nodes out of order, and onnxruntime accepts it). Bodies first,
+    then each graph by its producers; a graph with a cycle or reads of unknown names keeps
+    its order (the checker or onnxruntime then names the problem)."""
+    m = _copy(model)
+    moved = _sort_graph(m.graph)
+    if not moved:
+        return model, None
+    return m, f"nodes were not in topological order: sorted ({moved} graph(s))"
+
+
+def _sort_graph(g: onnx.GraphProto) -> int:
+    from ..graph.view import subgraph_reads
+    moved = 0
+    for n in g.node:
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                moved += _sort_graph(sub)
+    nodes = list(g.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{producer[t] for t in list(n.input) + sorted(subgraph_reads(n)) if t in producer} - {i}
+            for i, n in enumerate(nodes)]
+    if all(d < i for i, deps_i in enumerate(deps) for d in deps_i):
+        return moved
+    readers: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
+    for i, d in enumerate(deps):
+        for j in d:
+            readers[j].append(i)
+    waiting = [len(d) for d in deps]
+    import heapq
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)  # the original position first: a sorted graph stays as it was
+        order.append(i)
+        for r in readers[i]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        return moved  # a cycle: left for the checker to report
+    del g.node[:]
+    g.node.extend(nodes[i] for i in order)
+    return moved + 1
+
+
 def separate_subgraph_names(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     from ..subgraphs import separate_names
     return separate_names(model)
@@ -292,7 +340,7 @@ def run_all(model: onnx.ModelProto, enabled: bool = True) -> PassResult:
     """fp16/bf16 upcast and opset upgrade always (QDQ needs 13); the rest only when
     ``enabled``; shapes last."""
     notes = []
-    for p in (upcast_half, separate_subgraph_names) + (ALL_PASSES if enabled else (upgrade_opset,)):
+    for p in (sort_nodes, upcast_half, separate_subgraph_names) + (ALL_PASSES if enabled else (upgrade_opset,)):
         model, note = p(model)
         if note:
             notes.append(note)
