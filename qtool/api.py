@@ -86,7 +86,7 @@ def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
     a table, or in dynamic mode, resolved: every scale, zero point and kernel."""
     from dataclasses import replace
     from .planner import analyse, plan as make_plan
-    p = prepare(model, options.preprocess)
+    p = prepare(model, options.preprocess, options.algorithms)
     if table is None and options.mode == "static":
         from .subgraphs import body_plans
         facts, notes = analyse(p.model, options)
@@ -97,7 +97,7 @@ def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
 def _tie(the_plan: Plan, p: Prepared, options: QuantizeOptions) -> Plan:
     """Bind a plan to the model file and pre-processing it was made for."""
     from dataclasses import replace
-    return replace(the_plan, model_sha256=p.sha256, preprocess=options.preprocess)
+    return replace(the_plan, model_sha256=p.sha256, preprocess=options.preprocess, algorithms=options.algorithms)
 
 
 def _resolved_plan(p: Prepared, options: QuantizeOptions, table: CalibrationTable | None,
@@ -126,6 +126,11 @@ def _load_table(table, p: Prepared, options: QuantizeOptions) -> CalibrationTabl
         raise TableError("calibration table was made with pre-processing "
                          f"{'on' if table.params.get('preprocess', True) else 'off'}; quantize the same way "
                          "(--no-preprocess must match) or calibrate again")
+    made = tuple(table.params.get("algorithms", ()))
+    if made != tuple(options.algorithms):
+        raise TableError(f"calibration table was made with --algorithms {','.join(made) or 'none'}, which change the "
+                         f"weights; quantize with the same (not {','.join(options.algorithms) or 'none'}) or "
+                         "calibrate again")
     return table
 
 
@@ -167,7 +172,7 @@ def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOpti
     quantize are collected, so that a later ``--exclude`` (which can turn a
     shared tensor into one with its own range) works from the same table.
     """
-    p = prepare(model, quantize_options.preprocess)
+    p = prepare(model, quantize_options.preprocess, quantize_options.algorithms)
     return _calibrate_prepared(p, data, options, quantize_options, on_batch, threads)
 
 
@@ -203,6 +208,8 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
                       "calibrated without them, so the nodes inside its subgraphs stay float",)
     stats = {name: finish(obs, options) for name, obs in observers.items()}
     params = dict(_method_params(options), preprocess=quantize_options.preprocess)
+    if quantize_options.algorithms:
+        params["algorithms"] = list(quantize_options.algorithms)
     return CalibrationTable(p.sha256, options.method, params, samples, batches, stats,
                             __version__, notes=p.notes + run_notes)
 
@@ -246,6 +253,10 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
     out = model_io.check_output_path(output, model)
     if plan is not None:
         the_plan, p = _saved_plan(model, plan)
+        if options.algorithms and tuple(options.algorithms) != the_plan.algorithms:
+            from .errors import PlanError
+            raise PlanError(f"the plan was made with --algorithms {','.join(the_plan.algorithms) or 'none'}, "
+                            f"not {','.join(options.algorithms)}: the plan carries them, drop the option")
     else:
         the_plan, p, table = _plan_for(model, table, data, options, calibrate_options, method, on_batch)
     result = _apply(the_plan, p.model)
@@ -290,7 +301,7 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
     if options.mode == "dynamic" and (table is not None or data is not None):
         raise QtoolError("--mode dynamic quantizes activations at run time and uses no calibration: "
                          "drop --table/--data, or quantize in static mode")
-    p = prepare(model, options.preprocess)
+    p = prepare(model, options.preprocess, options.algorithms)
     if options.recipe != "int8":
         return _float_recipe_plan(p, table, data, options, calibrate_options), p, None
     facts = analyse(p.model, options)
@@ -337,7 +348,7 @@ def _float_recipe_plan(p: Prepared, table, data, options: QuantizeOptions,
 def _saved_plan(model, plan) -> tuple[Plan, Prepared]:
     from .plan_check import check_plan, load_plan
     saved = plan if isinstance(plan, Plan) else load_plan(plan)
-    p = prepare(model, saved.preprocess)
+    p = prepare(model, saved.preprocess, saved.algorithms)
     check_plan(saved, p)
     return saved, p
 

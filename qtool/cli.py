@@ -49,6 +49,14 @@ def _existing(path_type="file"):
     return click.Path(exists=False, dir_okay=(path_type != "file"), file_okay=True)
 
 
+def _algorithms(value: str | None) -> tuple[str, ...] | None:
+    """--algorithms LIST: comma-separated names, "none" for none (None: not given)."""
+    if value is None:
+        return None
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    return () if names in ((), ("none",)) else names
+
+
 def _preset(path):
     from .config import Preset, load_preset
     return load_preset(path) if path else Preset()
@@ -143,11 +151,12 @@ def _parse_shapes(values) -> dict:
 @click.option("--symmetric/--asymmetric", default=None, help="Range symmetric around zero.")
 @click.option("--moving-average", is_flag=True, default=None, help="minmax: average per-batch extremes.")
 @click.option("--preprocess/--no-preprocess", default=None, help="Must match the later quantize (default on).")
+@click.option("--algorithms", default=None, metavar="LIST", help="Must match the later quantize (default none).")
 @click.option("--merge", "merge", multiple=True, type=click.Path(), help="Merge tables of data shards instead.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset (its [calibrate] table).")
 @handle_errors
 def calibrate(model, data, output, method, batch_size, limit, bins, percentile, symmetric,
-              moving_average, preprocess, merge, preset):
+              moving_average, preprocess, algorithms, merge, preset):
     """Collect per-tensor statistics into a reusable calibration table."""
     from . import api
     from .config import override
@@ -163,7 +172,7 @@ def calibrate(model, data, output, method, batch_size, limit, bins, percentile, 
     ds = api.Dataset(data)
     total = ds.num_samples if opts.limit is None else min(opts.limit, ds.num_samples)
     with _progress(total, "calibrate") as bar:
-        qopts = override(_preset(preset).quantize, preprocess=preprocess)
+        qopts = override(_preset(preset).quantize, preprocess=preprocess, algorithms=_algorithms(algorithms))
         table = api.calibrate(model, ds, opts, qopts, on_batch=bar.update)
     table.save(output)
     click.echo(f"wrote {output}: {len(table.tensors)} tensors, {table.samples} samples, method {table.method}")
@@ -229,6 +238,9 @@ def _merge(paths, model, output):
               help="fp16: keep these nodes or op types in fp32 (besides those kept by rule or measurement).")
 @click.option("--keep-io-types", type=bool, default=None, metavar="true|false",
               help="fp16: keep the model's inputs and outputs fp32 (default true).")
+@click.option("--algorithms", default=None, metavar="LIST",
+              help="Comma-separated weight-changing passes run on the fp32 model before calibration: cle "
+                   "(cross-layer equalisation of Conv->Relu->Conv chains); none (default).")
 @click.option("--eval-data", type=click.Path(),
               help="Search: evaluate candidates on this data against fp32 and fall back the most sensitive nodes "
                    "until the gates hold (exit 1, nothing written, if they cannot).")
@@ -249,7 +261,7 @@ def _merge(paths, model, output):
 @handle_errors
 def quantize(model, output, table, data, method, mode, fmt, external_data, per_channel, activation_type, weight_type,
              precision, exclude, plan_path, preprocess, explain, save_plan, preset, target, weights, block_size,
-             int4_method, int4_symmetric, keep_fp32, keep_io_types, eval_data, labels, max_drop,
+             int4_method, int4_symmetric, keep_fp32, keep_io_types, algorithms, eval_data, labels, max_drop,
              min_agreement, min_cosine, min_snr, min_speedup, task, max_task_drop, fallback, best_effort, speed,
              threads, max_evals, trail_path):
     """Quantize for a target: int8 (static QDQ or QOperator, or dynamic), int4 weights, fp16; or apply a saved plan."""
@@ -267,7 +279,8 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                                           ("--exclude", exclude), ("--preprocess", preprocess), ("--target", target),
                                           ("--weights", weights), ("--block-size", block_size),
                                           ("--int4-method", int4_method), ("--int4-symmetric", int4_symmetric),
-                                          ("--keep-fp32", keep_fp32), ("--keep-io-types", keep_io_types))
+                                          ("--keep-fp32", keep_fp32), ("--keep-io-types", keep_io_types),
+                                          ("--algorithms", algorithms))
                  if value not in (None, ())]
         if given:
             raise QtoolError(f"--plan carries every decision; {given[0]} cannot be combined with it")
@@ -282,7 +295,7 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                      target=target, weights=weights, block_size=int(block_size) if block_size else None,
                      int4_method=int4_method, int4_symmetric=int4_symmetric,
                      keep_fp32=tuple(cfg.quantize.keep_fp32) + tuple(keep_fp32) if keep_fp32 else None,
-                     keep_io_types=keep_io_types)
+                     keep_io_types=keep_io_types, algorithms=_algorithms(algorithms))
     _check_recipe_flags(qopts, per_channel, block_size, int4_method, int4_symmetric, keep_fp32, keep_io_types,
                         activation_type, weight_type, method)
     copts = override(cfg.calibrate, method=method)

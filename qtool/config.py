@@ -97,6 +97,9 @@ class QuantizeOptions:
     int4 runs with fp16 activations. block_size, int4_method (rtn, hqq: data
     free; gptq: needs calibration data; None: gptq when data is given, else rtn) and int4_symmetric shape the int4
     weights. keep_io_types: an fp16 model keeps fp32 inputs and outputs.
+    algorithms: weight-changing passes run on the fp32 model before planning
+    and calibration ("cle": cross-layer equalisation); a table or plan made
+    with other algorithms is refused.
     """
 
     format: str = "qdq"
@@ -116,9 +119,15 @@ class QuantizeOptions:
     int4_symmetric: bool = False
     keep_fp32: tuple[str, ...] = ()
     keep_io_types: bool = True
+    algorithms: tuple[str, ...] = ()
 
     def __post_init__(self):
         _choice("quantize.format", self.format, FORMATS)
+        from .algorithms import KNOWN
+        object.__setattr__(self, "algorithms", tuple(self.algorithms))
+        for name in self.algorithms:
+            if name not in KNOWN:
+                raise ConfigError(f"quantize.algorithms: unknown {name!r} (known: {', '.join(KNOWN)}, or none)")
         _choice("quantize.target", self.target, TARGETS)
         if self.weights is not None:
             _choice("quantize.weights", self.weights, WEIGHT_RECIPES)

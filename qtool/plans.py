@@ -183,6 +183,7 @@ class Plan:
     format_version: int = PLAN_FORMAT_VERSION
     subgraphs: dict = field(default_factory=dict)  # "<node>/<attribute>" -> the plan of that body
     io_fp16: bool = False
+    algorithms: tuple[str, ...] = ()  # weight-changing passes run on the fp32 model before planning ("cle")
     node_index: dict = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -212,7 +213,8 @@ class Plan:
             "nodes": [n.to_dict() for n in self.nodes],
             "tensors": [t.to_dict() for t in self.tensors.values()],
         } | ({"subgraphs": {k: _body_dict(v) for k, v in self.subgraphs.items()}} if self.subgraphs else {}) \
-          | ({"io_fp16": True} if self.io_fp16 else {})
+          | ({"io_fp16": True} if self.io_fp16 else {}) \
+          | ({"algorithms": list(self.algorithms)} if self.algorithms else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -263,7 +265,8 @@ class Plan:
         return cls(tensors, tuple(nodes), _names(data, "notes"), str(data.get("mode", "static")),
                    str(data.get("quant_format", "qdq")), Target.parse(data.get("target", "cpu")),
                    str(data.get("model_sha256", "")), _bool(data, "preprocess", True),
-                   _bool(data, "resolved", False), version, subgraphs, _bool(data, "io_fp16", False))
+                   _bool(data, "resolved", False), version, subgraphs, _bool(data, "io_fp16", False),
+                   _algorithms(data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -335,6 +338,15 @@ def _opt_str(d: dict, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{key} must be a tensor name or null, got {value!r}")
     return value
+
+
+def _algorithms(d: dict) -> tuple[str, ...]:
+    from .algorithms import KNOWN
+    names = _names(d, "algorithms")
+    for name in names:
+        if name not in KNOWN:
+            raise ValueError(f"algorithms: unknown {name!r} (known: {', '.join(KNOWN)})")
+    return names
 
 
 def _names(d: dict, key: str) -> tuple[str, ...]:

@@ -478,7 +478,7 @@ def quantize_search(model, output, table, data, options: QuantizeOptions, calibr
     model_io.check_output_path(output, model)
     if table is None and data is None:
         raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
-    p = prepare(model, options.preprocess)
+    p = prepare(model, options.preprocess, options.algorithms)
     ds = api.open_data(eval_data, p.model)
     if table is None:
         table = api._calibrate_prepared(p, data, calibrate_options, options, on_batch,
