@@ -19,7 +19,7 @@ from qtool.errors import ConfigError, PlanError, TableError
 
 
 def chain_model(seed: int = 0) -> onnx.ModelProto:
-    """Conv->Relu->Conv(1x1)->Relu->depthwise->Relu->pointwise->Clip(0,6)->Conv->GAP: three
+    """Conv->Relu->MaxPool->Conv(1x1)->Relu->depthwise->Relu->pointwise->Clip(0,6)->Conv->GAP: three
     equalisable pairs (pointwise->depthwise, depthwise->pointwise among them) and one ReLU6 pair.
     The weights are a well-balanced net's, un-equalised as folded BatchNorms leave real ones: each
     Relu pair's channel i is multiplied by f_i (over three decades) before it and by 1/f_i after."""
@@ -36,7 +36,8 @@ def chain_model(seed: int = 0) -> onnx.ModelProto:
         weights[f"{second}.w"] /= f.reshape(-1, 1, 1, 1) if depthwise else f.reshape(1, -1, 1, 1)
     nodes = [
         helper.make_node("Conv", ["x", "c0.w", "c0.b"], ["y0"], name="conv0", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["y0"], ["a0"], name="relu0"),
+        helper.make_node("Relu", ["y0"], ["r0"], name="relu0"),
+        helper.make_node("MaxPool", ["r0"], ["a0"], name="pool0", kernel_shape=[2, 2], strides=[2, 2]),
         helper.make_node("Conv", ["a0", "c1.w", "c1.b"], ["y1"], name="conv1"),
         helper.make_node("Relu", ["y1"], ["a1"], name="relu1"),
         helper.make_node("Conv", ["a1", "dw.w", "dw.b"], ["y2"], name="dw", pads=[1, 1, 1, 1], group=16),
@@ -96,7 +97,7 @@ def test_float_output_unchanged_and_ranges_even_out(files):
         r1 = np.abs(after[name].reshape(16, -1)).max(1)
         assert _spread(r1) < _spread(r0) / 10, name
     assert "equalised 3 chain(s)" in notes[0] + " ".join(notes)
-    assert any("conv0 -> Relu (relu0) -> conv1" in n for n in notes)
+    assert any("conv0 -> Relu (relu0) -> MaxPool (pool0) -> conv1" in n for n in notes)
     assert any("dw -> Relu (relu2) -> pw" in n for n in notes)
     assert any("conv1 -> Relu (relu1) -> dw" in n for n in notes)
 
@@ -117,6 +118,18 @@ def test_relu6_chain_left_alone(files):
     x = files["x"]
     ref = _run(relu_like, x)
     assert np.abs(_run(eq2, x) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_bundled_sample_float_output_unchanged():
+    from conftest import SAMPLE
+    m = onnx.load(SAMPLE / "model.onnx")
+    eq, notes = equalize(m)
+    assert notes[0].startswith("cle: equalised 1 chain(s)")  # Conv -> Relu -> MaxPool -> Conv
+    x = np.load(SAMPLE / "eval.npz")
+    feeds = {k: x[k][:64] for k in x.files if k != "labels"}
+    run = [ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+           for g in (m, eq)]
+    assert np.abs(run[1] - run[0]).max() <= 1e-5 * np.abs(run[0]).max()
 
 
 def test_no_chain_leaves_the_model_alone():

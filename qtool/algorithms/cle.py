@@ -2,8 +2,9 @@
 Equalization and Bias Correction"), folded into the weights of an fp32 model.
 
 A chain Conv1 -> act -> Conv2, where Conv1's output feeds only ``act`` and ``act`` feeds only
-Conv2's data input, computes Conv2(act(W1 x + b1)). For a positively homogeneous ``act``
-(Relu, identity, Clip with min 0 and no max) act(y / s) = act(y) / s for s > 0, so dividing
+Conv2's data input, computes Conv2(act(W1 x + b1)). For a positively homogeneous, channel-wise
+``act`` (Relu, identity, Clip with min 0 and no max, MaxPool, AveragePool, or a sequence of
+them) act(y / s) = act(y) / s for s > 0, so dividing
 Conv1's output channel i (weights and bias) by s_i and multiplying Conv2's input channel i by
 s_i leaves the float output unchanged. With s_i = sqrt(r1_i * r2_i) / r2_i (r1_i: the range,
 max |w|, of Conv1's output channel i; r2_i: that of Conv2's input channel i) both become
@@ -76,18 +77,23 @@ def _clip_bounds(node, inits) -> tuple[float | None, float | None] | None:
     return bounds[0], bounds[1]
 
 
+# Per-channel ops with f(y / s) = f(y) / s for every s > 0 (positively homogeneous, channel-wise)
+HOMOGENEOUS = ("Relu", "MaxPool", "AveragePool")
+
+
 class _Chain:
-    def __init__(self, conv1, act, conv2):
-        self.conv1, self.act, self.conv2 = conv1, act, conv2
+    def __init__(self, conv1, mids, conv2):
+        self.conv1, self.mids, self.conv2 = conv1, tuple(mids), conv2
 
     @property
     def label(self) -> str:
-        mid = f"{self.act.op_type} ({self.act.name})" if self.act is not None else "(direct)"
+        mid = " -> ".join(f"{n.op_type} ({n.name})" for n in self.mids) or "(direct)"
         return f"{self.conv1.name} -> {mid} -> {self.conv2.name}"
 
 
 def find_chains(graph, inits: dict[str, np.ndarray]) -> tuple[list[_Chain], list[str]]:
-    """Equalisable Conv->act->Conv pairs of the main graph, and why others were left alone."""
+    """Equalisable Conv->(HOMOGENEOUS or Clip(0, inf))*->Conv pairs of the main graph, each
+    tensor between read only by the next, and the Conv->Clip->Conv chains left alone."""
     users = _consumers(graph)
     outputs = {o.name for o in graph.output}
     init_users = {name: len(users.get(name, [])) for name in inits}
@@ -109,44 +115,42 @@ def find_chains(graph, inits: dict[str, np.ndarray]) -> tuple[list[_Chain], list
             return None
         return readers[0]
 
+    def homogeneous(node) -> bool:
+        if node.domain not in ("", "ai.onnx") or len([o for o in node.output if o]) != 1:
+            return False  # MaxPool's indices output: not a per-channel value
+        if node.op_type in HOMOGENEOUS:
+            return True
+        if node.op_type == "Clip":
+            bounds = _clip_bounds(node, inits)
+            return bounds is not None and bounds[0] in (None, 0.0, -math.inf) and bounds[1] in (None, math.inf)
+        return False
+
     chains = []
     for conv1 in graph.node:
         if conv1.op_type != "Conv" or conv1.domain not in ("", "ai.onnx") or not weight_ok(conv1):
             continue
-        nxt = sole_reader(conv1.output[0])
-        if nxt is None:
-            continue
-        act, k = nxt
-        if act.op_type == "Conv" and act.domain in ("", "ai.onnx"):
-            conv2, k2, act = act, k, None
-        else:
-            if act.op_type == "Relu":
-                pass
-            elif act.op_type == "Clip":
-                bounds = _clip_bounds(act, inits)
-                if bounds is None or not (bounds[0] in (None, 0.0, -math.inf) and bounds[1] in (None, math.inf)):
-                    nxt2 = sole_reader(act.output[0])
-                    if nxt2 is not None and nxt2[0].op_type == "Conv":
-                        skipped.append(f"{conv1.name} -> Clip ({act.name}) -> {nxt2[0].name}")
-                    continue
-            else:
-                continue
-            if k != 0:
-                continue
-            nxt2 = sole_reader(act.output[0])
-            if nxt2 is None:
-                continue
-            conv2, k2 = nxt2
-            if conv2.op_type != "Conv" or conv2.domain not in ("", "ai.onnx"):
-                continue
-        if k2 != 0 or not weight_ok(conv2) or conv2 is conv1:
+        mids, cur, found = [], conv1.output[0], None
+        while (nxt := sole_reader(cur)) is not None and nxt[1] == 0:
+            node = nxt[0]
+            if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
+                found = node
+                break
+            if not homogeneous(node):
+                after = sole_reader(node.output[0]) if node.output else None
+                if node.op_type == "Clip" and after is not None and after[0].op_type == "Conv":
+                    skipped.append(f"{conv1.name} -> Clip ({node.name}) -> {after[0].name}")
+                break
+            mids.append(node)
+            cur = node.output[0]
+        conv2 = found
+        if conv2 is None or not weight_ok(conv2) or conv2 is conv1:
             continue
         w1, w2 = inits[conv1.input[1]], inits[conv2.input[1]]
         g2 = int(_attr(conv2, "group", 1))
         channels = w1.shape[0]
         if w2.shape[1] * g2 != channels or w2.shape[0] % g2 or channels % g2:
             continue
-        chains.append(_Chain(conv1, act, conv2))
+        chains.append(_Chain(conv1, mids, conv2))
     return chains, skipped
 
 
