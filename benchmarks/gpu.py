@@ -159,7 +159,7 @@ def main() -> int:
                 continue
             ep = trt.used if name == "trt-int8" else provider
             # TensorRT absent: its placement is judged as eval judges it, Q/DQ computed as written
-            disabled = runtime.QDQ_FUSIONS if name == "trt-int8" and runtime.emulates(trt) else ()
+            disabled = runtime.disabled_for(trt) if name == "trt-int8" else ()
             rows[name] = {"path": str(path), "size": size(path), "quantize_s": round(time.perf_counter() - t0, 1),
                           "metric": accuracy(key, path, ref, ep, args.threads, disabled), "ep": ep,
                           "disabled": list(disabled)}

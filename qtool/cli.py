@@ -475,7 +475,7 @@ def debug(reference, candidate, data, table, json_path, plot_path, top, batch_si
     if choice.note:
         click.echo(f"warning: {choice.note}", err=True)
     report = run(reference, candidate, data, table, preprocess, batch_size, limit, threads, impact, plan_path,
-                 choice.used, runtime.QDQ_FUSIONS if runtime.emulates(choice) else ())
+                 choice.used, runtime.disabled_for(choice))
     click.echo(format_report(report, top))
     if json_path:
         atomic_write_text(json_path, report.to_json())

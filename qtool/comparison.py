@@ -106,7 +106,7 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
         notes.append("a TensorRT target on the CPU EP: both models ran with onnxruntime's CPU QDQ fusions off, so "
                      "each Q/DQ pair is computed as written, as TensorRT's int8 kernels compute it (the fused CPU "
                      "kernels saturate full 8-bit weights on x86 without VNNI); the latency is not TensorRT's")
-    disabled = runtime.QDQ_FUSIONS if runtime.emulates(choice) else ()
+    disabled = runtime.disabled_for(choice)
     sess_r = runtime.target_session(str(reference), choice, options.threads)
     sess_c = runtime.target_session(str(candidate), choice, options.threads)
     started = {"reference": runtime.used_providers(sess_r)[0], "candidate": runtime.used_providers(sess_c)[0]}
@@ -133,26 +133,25 @@ def run_pair(reference, candidate, ds: Dataset, labels: np.ndarray | None, optio
                          f"failure): it finished on {now}")
     provider = runtime.used_providers(sess_c)[0]
     batch = samples_in(first) if first else 1
-    kernels = []
+    from .profile import node_placement
+    kernels, placement = [], []
     for path, size in ((reference, size_ref), (candidate, size_cand)):
+        # each needs a session of its own that writes or profiles the whole graph: skipped for big models
         if size > KERNEL_COUNT_MAX_BYTES:
             counts, note = None, (f"{Path(path).name}: kernel counts skipped, the model is {size / 1e9:.2f} GB and "
                                   "onnxruntime would write its optimised graph with every weight to a temporary folder")
+            placed = None
         else:
             counts, note = runtime.kernel_counts(str(path), choice.used, options.threads, disabled)
+            placed = node_placement(str(path), choice.used, first, options.threads, disabled) if first else None
         kernels.append(counts)
+        placement.append(placed)
         if note:
             notes.append(note)
-    placement = [None, None]
-    if first is not None:
-        from .profile import node_placement
-        for i, (path, size) in enumerate(((reference, size_ref), (candidate, size_cand))):
-            if size <= KERNEL_COUNT_MAX_BYTES:  # a profiled session of its own: skipped with the kernel counts
-                placement[i] = node_placement(str(path), choice.used, first, options.threads, disabled)
-        off = {ep: ops for ep, ops in (placement[1] or {}).items() if ep != choice.used}
-        if off:
-            from .evaluation import describe_placement
-            notes.append(f"not every candidate kernel ran on {choice.used}: {describe_placement(off)}")
+    off = {ep: ops for ep, ops in (placement[1] or {}).items() if ep != choice.used}
+    if off:
+        from .evaluation import describe_placement
+        notes.append(f"not every candidate kernel ran on {choice.used}: {describe_placement(off)}")
     return Report(reference=str(reference), candidate=str(candidate), provider=provider, size_reference=size_ref,
                   target=choice.requested, placement_reference=placement[0], placement_candidate=placement[1],
                   size_candidate=size_cand, latency_reference=Latency(lat_r.median_ms, lat_r.p90_ms, lat_r.runs, batch),

@@ -109,15 +109,6 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _consumers(nodes) -> dict[str, list]:
-    out = defaultdict(list)
-    for n in nodes:
-        for i in n.input:
-            if i:
-                out[i].append(n)
-    return out
-
-
 class _Base:
     """The model handed to onnxruntime: which group owns each of its nodes and tensors."""
 
@@ -127,7 +118,6 @@ class _Base:
         nodes = list(model.graph.node)
         producer = {o: n for n in nodes for o in n.output if o}
         self.head, self.producer = head, producer
-        self.readers = {t: len(c) for t, c in _consumers(nodes).items()}
         self.absorbed: dict[str, str] = {}  # group -> the group whose fused kernel runs it too
         self.nodes = {n.name: n for n in nodes}
         consumers = defaultdict(list)
@@ -135,6 +125,7 @@ class _Base:
             for i in n.input:
                 if i:
                     consumers[i].append(n)
+        self.readers = {t: len(c) for t, c in consumers.items()}
         quantized = {n.name for n in plan.nodes if n.quantized}
 
         def group(n):

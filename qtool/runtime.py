@@ -127,10 +127,15 @@ def emulates(choice: "ProviderChoice") -> bool:
     return choice.requested == "trt" and choice.used == PROVIDERS["cpu"]
 
 
+def disabled_for(choice: "ProviderChoice") -> tuple[str, ...]:
+    """The onnxruntime transformers sessions for ``choice`` leave out (see :func:`emulates`)."""
+    return QDQ_FUSIONS if emulates(choice) else ()
+
+
 def target_session(model: onnx.ModelProto | str, choice: "ProviderChoice", threads: int | None = None
                    ) -> ort.InferenceSession:
     """A session on the EP ``choice`` picked for its target (see :func:`emulates`)."""
-    return session(model, choice.used, threads, disabled=QDQ_FUSIONS if emulates(choice) else ())
+    return session(model, choice.used, threads, disabled=disabled_for(choice))
 
 
 def session(model: onnx.ModelProto | str, provider: str = PROVIDERS["cpu"], threads: int | None = None,
@@ -312,12 +317,7 @@ def kernel_counts(model: str, provider: str = PROVIDERS["cpu"], threads: int | N
         out = os.path.join(tmp, "optimized.onnx")
         try:
             opts = session_options(threads, True, out, "optimized.onnx.data")
-            providers = provider_list(provider)
-            if disabled:
-                ort.InferenceSession(str(model), sess_options=opts, providers=providers,
-                                     disabled_optimizers=list(disabled))
-            else:
-                ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+            _session(str(model), opts, provider_list(provider), disabled)
             graph = onnx.load(out, load_external_data=False).graph
         except Exception as exc:
             text = " ".join(str(exc).split())[:200]
