@@ -66,6 +66,15 @@ def class_scores(value: np.ndarray) -> np.ndarray:
     return value.reshape(len(value), -1)
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine of each row pair of two [rows, n] arrays: two zero rows agree (1), a zero row
+    against a non-zero one does not (0)."""
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    denom = na * nb
+    return np.where(denom > 0, (a * b).sum(axis=1) / np.where(denom > 0, denom, 1),
+                    np.where((na == 0) & (nb == 0), 1.0, 0.0))
+
+
 class OutputStats:
     """Streaming error statistics of one output (candidate vs reference)."""
 
@@ -99,12 +108,7 @@ class OutputStats:
         self.signal += float((ref64 * ref64).sum())
         self.noise += float((err * err).sum())
         rows = len(ref) if per_sample else 1
-        a, b = ref64.reshape(rows, -1), cand.astype(np.float64).reshape(rows, -1)
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        denom = na * nb
-        # two zero rows agree (1); a zero row against a non-zero one does not (0)
-        cos = np.where(denom > 0, (a * b).sum(axis=1) / np.where(denom > 0, denom, 1),
-                       np.where((na == 0) & (nb == 0), 1.0, 0.0))
+        cos = row_cosines(ref64.reshape(rows, -1), cand.astype(np.float64).reshape(rows, -1))
         self.cos_sum += float(cos.sum())
         self.rows += rows
         if self.classifier:

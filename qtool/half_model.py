@@ -22,13 +22,11 @@ MatMulNBits/GatherBlockQuantized nodes, which run fp16 on CUDA by the rule in
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import replace
 
 import onnx
 
 from .config import CalibrateOptions, QuantizeOptions
-from .errors import ConfigError
 from .graph import GraphView
 from .plans import NodePlan, Plan
 from .rewrite.half_ops import AGNOSTIC_INPUTS, CPU_HALF_KERNELS, FLOAT, INT4_KERNELS, elem_types, half_slots, opset_of
@@ -76,11 +74,10 @@ def _body_plan(lifted: onnx.ModelProto, keep: frozenset[str], base: Plan | None,
 
 def _requested(model: onnx.ModelProto, keep_fp32: tuple[str, ...], known: frozenset[str]) -> frozenset[str]:
     """``keep_fp32`` checked against the model's node names and op types (subgraphs included)."""
+    from .planner import unknown_key
     for key in keep_fp32:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            raise ConfigError(f"--keep-fp32 {key!r} matches no node name or op type in the model{hint}")
+            raise unknown_key("--keep-fp32", key, sorted(known))
     return frozenset(keep_fp32)
 
 

@@ -290,11 +290,8 @@ class _Stats:
         self.signal += float((np.where(ok, ref, 0.0) ** 2).sum())
         self.noise += float((err ** 2).sum())
         rows = len(ref) if ref.ndim else 1
-        a, b = np.where(ok, ref, 0.0).reshape(rows, -1), np.where(ok, cand, 0.0).reshape(rows, -1)
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        norms = na * nb
-        # a zero row against a non-zero one is as far as it gets (0), two zero rows agree (1)
-        cos = np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), (na == nb) * 1.0)
+        from .evaluation import row_cosines
+        cos = row_cosines(np.where(ok, ref, 0.0).reshape(rows, -1), np.where(ok, cand, 0.0).reshape(rows, -1))
         if cos.size:
             self.min_cos = min(self.min_cos, float(cos.min()))
 

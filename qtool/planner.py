@@ -102,6 +102,13 @@ def node_macs(model: onnx.ModelProto) -> tuple[dict[str, int], str | None]:
     return macs_by_node(view), None
 
 
+def unknown_key(flag: str, key: str, known) -> ConfigError:
+    """The error for a node name or op type ``key`` that names nothing in the model, with the closest matches."""
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    return ConfigError(f"{flag} {key!r} matches no node name or op type in the model{hint}")
+
+
 def match_overrides(view: GraphView, options: QuantizeOptions,
                     elsewhere: frozenset[str] = frozenset()) -> dict[str, Precision]:
     """Node name -> precision from ``--precision`` and ``--exclude``; a name beats
@@ -119,9 +126,7 @@ def match_overrides(view: GraphView, options: QuantizeOptions,
         elif key in elsewhere:
             continue
         else:
-            close = difflib.get_close_matches(key, list(names) + sorted(op_types), n=3, cutoff=0.5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
-            raise ConfigError(f"--precision/--exclude {key!r} matches no node name or op type in the model{hint}")
+            raise unknown_key("--precision/--exclude", key, list(names) + sorted(op_types))
     out = {name: by_type[op] for name, op in names.items() if op in by_type}
     out.update(by_name)
     from .rewrite.half_nodes import HALF_OPS
