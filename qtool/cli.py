@@ -72,6 +72,11 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # unwinds through the atomic writes, which remove their temporary files
 
 
+def _given(pairs) -> list[str]:
+    """The flags of ``(flag, value)`` pairs that were given (value neither None nor empty)."""
+    return [flag for flag, value in pairs if value not in (None, ())]
+
+
 def gate_options(fn):
     """The gates ``eval`` checks and the accuracy search of ``quantize`` must meet."""
     for option in reversed([
@@ -272,16 +277,13 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
     if table and data:
         raise QtoolError("give either --table or --data, not both")
     if plan_path:
-        given = [flag for flag, value in (("--table", table), ("--data", data), ("--method", method),
-                                          ("--mode", mode), ("--format", fmt), ("--per-channel", per_channel),
-                                          ("--activation-type", activation_type), ("--weight-type", weight_type),
-                                          ("--precision", precision),
-                                          ("--exclude", exclude), ("--preprocess", preprocess), ("--target", target),
-                                          ("--weights", weights), ("--block-size", block_size),
-                                          ("--int4-method", int4_method), ("--int4-symmetric", int4_symmetric),
-                                          ("--keep-fp32", keep_fp32), ("--keep-io-types", keep_io_types),
-                                          ("--algorithms", algorithms))
-                 if value not in (None, ())]
+        given = _given((("--table", table), ("--data", data), ("--method", method), ("--mode", mode),
+                        ("--format", fmt), ("--per-channel", per_channel), ("--activation-type", activation_type),
+                        ("--weight-type", weight_type), ("--precision", precision), ("--exclude", exclude),
+                        ("--preprocess", preprocess), ("--target", target), ("--weights", weights),
+                        ("--block-size", block_size), ("--int4-method", int4_method),
+                        ("--int4-symmetric", int4_symmetric), ("--keep-fp32", keep_fp32),
+                        ("--keep-io-types", keep_io_types), ("--algorithms", algorithms)))
         if given:
             raise QtoolError(f"--plan carries every decision; {given[0]} cannot be combined with it")
     check_output_path(output, model, table, data, plan_path)
@@ -305,9 +307,9 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
         check_output_path(output, model, table, data, plan_path, eval_data, labels)
         return _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback,
                        best_effort, speed, threads, max_evals, trail_path, plan_path, explain, save_plan)
-    stray = [flag for flag, value in (("--labels", labels), ("--fallback", fallback), ("--best-effort", best_effort or None),
-                                      ("--speed/--no-speed", speed), ("--threads", threads),
-                                      ("--max-evals", max_evals), ("--trail", trail_path)) if value is not None]
+    stray = _given((("--labels", labels), ("--fallback", fallback), ("--best-effort", best_effort or None),
+                    ("--speed/--no-speed", speed), ("--threads", threads), ("--max-evals", max_evals),
+                    ("--trail", trail_path)))
     if stray:
         raise QtoolError(f"{stray[0]} applies to the accuracy search: give --eval-data and a gate, or drop it")
     bar = None
@@ -357,11 +359,11 @@ def _check_recipe_flags(qopts, per_channel, block_size, int4_method, int4_symmet
         "--block-size": block_size, "--int4-method": int4_method, "--int4-symmetric/--int4-asymmetric": int4_symmetric,
     } if recipe != "int4" else {}
     if not half:
-        ignored.update({"--keep-fp32": keep_fp32 or None, "--keep-io-types": keep_io_types})
+        ignored.update({"--keep-fp32": keep_fp32, "--keep-io-types": keep_io_types})
     if recipe != "int8":
         ignored.update({"--per-channel/--per-tensor": per_channel, "--activation-type": activation_type,
                         "--weight-type": weight_type, "--method": method})
-    given = [flag for flag, value in ignored.items() if value is not None]
+    given = _given(ignored.items())
     if given:
         what = {"int8": "int8 (the default on this target)", "int4": "int4 weights", "fp16": "fp16"}[recipe]
         raise QtoolError(f"{given[0]} does not apply to {what}" + (" on the cpu target (fp32 activations)"
@@ -518,11 +520,9 @@ def eval_cmd(reference, candidate, data, from_path, labels, target, provider, ba
         raise QtoolError(f"--target {target} and --provider {provider} disagree: give one")
     provider = target or provider
     if from_path:
-        given = [flag for flag, value in (("REFERENCE", reference), ("CANDIDATE", candidate), ("--data", data),
-                                          ("--labels", labels), ("--target", provider),
-                                          ("--batch-size", batch_size), ("--threads", threads),
-                                          ("--repeats", repeats), ("--limit", limit), ("--task", task))
-                 if value is not None]
+        given = _given((("REFERENCE", reference), ("CANDIDATE", candidate), ("--data", data),
+                        ("--labels", labels), ("--target", provider), ("--batch-size", batch_size),
+                        ("--threads", threads), ("--repeats", repeats), ("--limit", limit), ("--task", task)))
         if given:
             raise QtoolError(f"--from re-judges a saved report without running the models; "
                              f"{given[0]} cannot be combined with it")
