@@ -31,8 +31,6 @@ CPU_FUSED = {"Conv": "QLinearConv", "MatMul": "QLinearMatMul or MatMulIntegerToF
 #: Ops whose Q/DQ the CPU EP drops so that they move int8 data (DropQDQNodesRules, SplitQDQRules).
 CPU_DROPPED = ("Expand", "Flatten", "Gather", "GatherElements", "Reshape", "Slice", "Squeeze", "Tile", "Transpose",
                "Unsqueeze", "MaxPool", "ReduceMax", "ReduceMin", "Resize", "Split", "ArgMax")
-#: fast fpA-intB GEMM of MatMulNBits on CUDA (contrib_ops/cuda/quantization/matmul_nbits.cc)
-CUDA_INT4_N_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -62,52 +60,30 @@ class TargetReport:
         return sum(1 for n in self.nodes if n.fused)
 
 
-def matmul_weight(node, view: GraphView) -> tuple[int, int] | None:
-    """(K, N) of a MatMul whose B is a constant 2-D float weight (MatMulNBits' pattern), else None."""
-    if node.op_type != "MatMul" or len(node.input) < 2:
-        return None
-    init = view.initializers.get(node.input[1])
-    if init is None or len(init.dims) != 2:
-        return None
-    return int(init.dims[0]), int(init.dims[1])
-
-
-def embedding_table(node, view: GraphView) -> tuple[int, int] | None:
-    """(V, D) of a Gather of a constant 2-D table along axis 0, else None."""
-    if node.op_type != "Gather" or not node.input:
-        return None
-    init = view.initializers.get(node.input[0])
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-    if init is None or len(init.dims) != 2 or axis != 0:
-        return None
-    return int(init.dims[0]), int(init.dims[1])
-
-
 def on_target(plan, view: GraphView, target: Target) -> TargetReport:
-    """Each node the int8 ``plan`` quantizes (main graph), as ``target``'s EP would run it."""
+    """Each node the int8 ``plan`` quantizes (main graph), as ``target``'s EP would run it, and each
+    node ``--weights int4`` would give 4-bit weights (by qtool.weight_only's own eligibility)."""
+    from .config import QuantizeOptions
+    from .weight_only import Candidate, candidates
+    # MatMulNBits/GatherBlockQuantized are no TensorRT layers (they would run on the CUDA EP behind it)
+    int4 = {} if target is Target.TRT else {
+        k: c for k, c in candidates(view, QuantizeOptions().block_size).items() if isinstance(c, Candidate)}
     rows = []
     for n in plan.nodes:
         node = view.by_name.get(n.name)
-        if node is None:
+        if node is None or not (n.quantized or n.name in int4):
             continue
-        kn = matmul_weight(node, view)
-        table = embedding_table(node, view)
-        if target is Target.TRT:  # MatMulNBits/GatherBlockQuantized are not TensorRT layers (CUDA EP behind it)
-            kn = table = None
-        if not n.quantized and kn is None and table is None:
-            continue
-        rows.append(_row(n, node, target, kn, table))
+        rows.append(_row(n, node, target, int4.get(n.name), view))
     return TargetReport(target.label, target.ep, tuple(rows), _recommend(rows, target))
 
 
-def _row(n, node, target: Target, kn, table) -> NodeOnTarget:
+def _row(n, node, target: Target, c, view: GraphView) -> NodeOnTarget:
+    """``c``: the node's int4 candidate, or None."""
     op = node.op_type
+    choose = "int4 table" if c is not None and c.op_type == "Gather" else "int4 weights"
     if not n.quantized:
         # only weight-only candidates reach here: int8 keeps them float, int4 does not
-        int8 = f"float (int8 plan: {n.reason})"
-        if kn is not None:
-            return NodeOnTarget(n.name, op, int8, False, "int4 weights", _int4_why(kn, target))
-        return NodeOnTarget(n.name, op, int8, False, "int4 table", _table_why(table, target))
+        return NodeOnTarget(n.name, op, f"float (int8 plan: {n.reason})", False, choose, _int4_why(c, view, target))
     if n.fused_into and target is not Target.CUDA:
         return NodeOnTarget(n.name, op, f"fused into {n.fused_into}'s kernel", True, "int8",
                             f"the EP folds this {op} into the kernel of the node before it")
@@ -124,10 +100,8 @@ def _row(n, node, target: Target, kn, table) -> NodeOnTarget:
         int8 = f"float {op} between Q/DQ (fake-quant)"
         why = ("the CUDA EP has no QDQ fusion for this op and no QLinear kernel: int8 adds Q/DQ kernels "
                "around the float op, slower than fp32")
-        if kn is not None:
-            return NodeOnTarget(n.name, op, int8, False, "int4 weights", why + "; " + _int4_why(kn, target))
-        if table is not None:
-            return NodeOnTarget(n.name, op, int8, False, "int4 table", why + "; " + _table_why(table, target))
+        if c is not None:
+            return NodeOnTarget(n.name, op, int8, False, choose, why + "; " + _int4_why(c, view, target))
         return NodeOnTarget(n.name, op, int8, False, "fp16", why + "; fp16 is the CUDA EP's fast float path")
     # TensorRT: explicit quantization, its own kernels from the Q/DQ placement
     return NodeOnTarget(n.name, op, f"TensorRT int8 {op} (from Q/DQ)", True, "int8",
@@ -135,19 +109,18 @@ def _row(n, node, target: Target, kn, table) -> NodeOnTarget:
                         "them as TensorRT wants; needs trt_int8_enable, which qtool sets)")
 
 
-def _int4_why(kn, target: Target) -> str:
-    k, n = kn
+def _int4_why(c, view: GraphView, target: Target) -> str:
+    from .config import QuantizeOptions
+    from .weight_only import cuda_miss, kn_of
+    if c.op_type == "Gather":
+        v, d = view.initializers[c.weight].dims
+        return f"GatherBlockQuantized reads a 4-bit table blocked along its rows ({v} x {d}) on {target.ep}"
+    k, n = kn_of(c, view)
     text = f"MatMulNBits takes 4-bit weights blocked along K (K {k}, N {n})"
     if target is Target.CUDA:
-        fast = n % CUDA_INT4_N_MULTIPLE == 0 and k % 32 == 0
-        text += ("; fast fpA-intB GEMM eligible with fp16 activations" if fast else
-                 f"; N % {CUDA_INT4_N_MULTIPLE} != 0 or K % 32 != 0: GEMV or dequantise + cuBLAS path")
+        miss = cuda_miss(c, view, QuantizeOptions(target="cuda", weights="int4"))
+        text += miss or "; fast fpA-intB GEMM eligible with fp16 activations"
     return text
-
-
-def _table_why(table, target: Target) -> str:
-    v, d = table
-    return f"GatherBlockQuantized reads a 4-bit table blocked along its rows ({v} x {d}) on {target.ep}"
 
 
 def _recommend(rows: list[NodeOnTarget], target: Target) -> str:

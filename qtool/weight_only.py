@@ -284,21 +284,22 @@ def _node_plans(view: GraphView, chosen: dict[str, Candidate], reasons: dict[str
             continue
         t = tensors[c.weight]
         kernel = KERNELS[c.op_type]
-        why = f"int4 weights as {kernel} ({t.reason}); activations stay float" + _cuda_miss(c, view, options)
+        why = f"int4 weights as {kernel} ({t.reason}); activations stay float" + cuda_miss(c, view, options)
         out.append(NodePlan(key, node.op_type, t.precision, why, kernel, inputs=(c.weight,), bias=c.bias))
     return out
 
 
-def _kn(c: Candidate, view: GraphView) -> tuple[int, int]:
+def kn_of(c: Candidate, view: GraphView) -> tuple[int, int]:
+    """(K, N) of a MatMul/Gemm candidate's weight as the product sees it (a table: its rows and width)."""
     dims = tuple(view.initializers[c.weight].dims)
     return (dims[0], dims[1]) if c.axis == 0 else (dims[1], dims[0])
 
 
-def _cuda_miss(c: Candidate, view: GraphView, options) -> str:
+def cuda_miss(c: Candidate, view: GraphView, options) -> str:
     """Why CUDA's fast fpA_intB GEMM will not take this MatMulNBits ("" when it will, or off cuda)."""
     if options.target != "cuda" or c.op_type == "Gather":
         return ""
-    k, n = _kn(c, view)
+    k, n = kn_of(c, view)
     misses = []
     if n % CUDA_N_MULTIPLE:
         misses.append(f"N={n} is not a multiple of {CUDA_N_MULTIPLE}")
@@ -319,7 +320,7 @@ def _target_notes(view: GraphView, chosen: dict[str, Candidate], options) -> lis
     if bodies(view.model):
         lines.append("nodes inside If/Loop/Scan bodies stay float: weight-only int4 plans the main graph only")
     if options.target == "cuda":
-        slow = [c.key for c in chosen.values() if _cuda_miss(c, view, options)]
+        slow = [c.key for c in chosen.values() if cuda_miss(c, view, options)]
         if slow:
             lines.append(f"{len(slow)} MatMulNBits miss CUDA's fpA_intB fast GEMM (N % 64, K % block or the block "
                          f"size; each node's reason says which), e.g. {slow[0]}")
