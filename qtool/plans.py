@@ -12,6 +12,7 @@ that round-trip exactly.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -184,6 +185,9 @@ class Plan:
     subgraphs: dict = field(default_factory=dict)  # "<node>/<attribute>" -> the plan of that body
     io_fp16: bool = False
     algorithms: tuple[str, ...] = ()  # weight-changing passes run on the fp32 model before planning ("cle")
+    # what each accuracy algorithm did where: {algorithm: {node or tensor: measured gain in dB}}; the gain is
+    # the SQNR of what that algorithm is judged on (a layer's output, the model's outputs), after minus before
+    applied: dict = field(default_factory=dict)
     node_index: dict = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -214,7 +218,8 @@ class Plan:
             "tensors": [t.to_dict() for t in self.tensors.values()],
         } | ({"subgraphs": {k: _body_dict(v) for k, v in self.subgraphs.items()}} if self.subgraphs else {}) \
           | ({"io_fp16": True} if self.io_fp16 else {}) \
-          | ({"algorithms": list(self.algorithms)} if self.algorithms else {})
+          | ({"algorithms": list(self.algorithms)} if self.algorithms else {}) \
+          | ({"applied": {k: dict(v) for k, v in self.applied.items()}} if self.applied else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -266,7 +271,7 @@ class Plan:
                    str(data.get("quant_format", "qdq")), Target.parse(data.get("target", "cpu")),
                    str(data.get("model_sha256", "")), _bool(data, "preprocess", True),
                    _bool(data, "resolved", False), version, subgraphs, _bool(data, "io_fp16", False),
-                   _algorithms(data))
+                   _algorithms(data), _applied(data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -338,6 +343,24 @@ def _opt_str(d: dict, key: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{key} must be a tensor name or null, got {value!r}")
     return value
+
+
+def _applied(d: dict) -> dict:
+    """``applied``: {algorithm: {location: finite gain in dB}}."""
+    value = d.get("applied", {})
+    if not isinstance(value, dict):
+        raise ValueError("applied must be an object: {algorithm: {node or tensor: gain in dB}}")
+    out = {}
+    for algorithm, where in value.items():
+        if not isinstance(where, dict):
+            raise ValueError(f"applied[{algorithm!r}] must be an object: {{node or tensor: gain in dB}}")
+        gains = {}
+        for k, v in where.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"applied[{algorithm!r}][{k!r}] must be a finite number, got {v!r}")
+            gains[str(k)] = float(v)
+        out[str(algorithm)] = gains
+    return out
 
 
 def _algorithms(d: dict) -> tuple[str, ...]:
