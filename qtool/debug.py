@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -66,6 +66,7 @@ class NodeError:
     isolated_rel: float
     ranges: tuple[RangeUse, ...] = ()
     output_snr: float | None = None  # the model outputs' SNR with only this node quantized (--impact)
+    applied: dict = field(default_factory=dict)  # from the plan: {algorithm: the gain it measured here, dB}
 
     @property
     def worst_range(self) -> RangeUse | None:
@@ -562,8 +563,10 @@ def measure(reference: onnx.ModelProto, qmodel: onnx.ModelProto, batches: Iterab
 def format_report(r: DebugReport, top: int | None = None) -> str:
     """The ranking ``qtool debug`` prints: worst isolated SQNR first."""
     impact = any(n.output_snr is not None for n in r.nodes)
+    algorithms = any(n.applied for n in r.nodes)
     rows = [("#", "node", "op", "MACs", "isolated dB", "accum. dB") + (("alone->outputs dB",) if impact else ())
-            + ("rel.err iso", "grid use", "clipped", "max/p99.9", "ch.max/med", "tensor")]
+            + ("rel.err iso", "grid use", "clipped", "max/p99.9", "ch.max/med", "tensor")
+            + (("algorithms (gain dB)",) if algorithms else ())]
     shown = r.nodes if top is None else r.nodes[:top]
     for i, n in enumerate(shown, 1):
         w = n.worst_range
@@ -572,7 +575,8 @@ def format_report(r: DebugReport, top: int | None = None) -> str:
                      _db(n.accumulated_sqnr), *alone, f"{n.isolated_rel:.4f}",
                      f"{w.grid_use * 100:.0f}%" if w else "-", f"{w.clipped * 100:.3f}%" if w else "-",
                      f"{w.outlier_ratio:.1f}" if w else "-", f"{w.channel_ratio:.1f}" if w else "-",
-                     w.tensor if w else ""))
+                     w.tensor if w else "")
+                    + ((", ".join(f"{k} {v:+.1f}" for k, v in n.applied.items()) or "-",) if algorithms else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(row, widths)).rstrip() for row in rows]
     lines.append(f"{len(r.nodes)} quantized nodes measured on {r.samples} samples"
@@ -580,6 +584,15 @@ def format_report(r: DebugReport, top: int | None = None) -> str:
     for s in r.unmatched:
         lines.append(f"not measured: {s}")
     return "\n".join(lines)
+
+
+def applied_at(plan, n: NodeError, model: onnx.ModelProto) -> dict[str, float]:
+    """What the plan's accuracy algorithms measured at node ``n``: entries keyed by the node, or by
+    a tensor it reads or writes (a range method chosen per tensor, a smoothed input)."""
+    node = next((m for m in model.graph.node if m.name == n.name), None)
+    names = {n.name, n.output} | (set(node.input) | set(node.output) if node is not None else set())
+    return {algorithm: gain for algorithm, where in plan.applied.items()
+            for key, gain in where.items() if key in names}
 
 
 def _db(v: float) -> str:
@@ -666,7 +679,8 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
     from dataclasses import replace
     if plan is not None:
         quantized = {n.name for n in plan.quantized_nodes()}
-        report = replace(report, nodes=tuple(n for n in report.nodes if n.name in quantized),
+        report = replace(report, nodes=tuple(replace(n, applied=applied_at(plan, n, p.model))
+                                             for n in report.nodes if n.name in quantized),
                          unmatched=report.unmatched + tuple(f"{n.name}: float in the plan" for n in report.nodes
                                                             if n.name not in quantized))
     if not impact:

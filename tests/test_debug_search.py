@@ -161,6 +161,25 @@ def test_debug_with_the_plan_reports_only_its_quantized_nodes(outlier, tmp_path)
     assert r.exit_code == 2 and "another model" in r.output
 
 
+def test_debug_shows_what_the_plans_algorithms_measured_at_each_node(outlier, tmp_path):
+    """The plan's ``applied`` record (keyed by node, or by a tensor the node reads) reaches debug's
+    report and its table, next to the error measured there; nodes without an entry show none."""
+    d, path = outlier
+    q, plan = tmp_path / "q.onnx", tmp_path / "plan.json"
+    assert run("quantize", path, "--data", d / "calib.npz", "-o", q, "--save-plan", plan).exit_code == 0
+    saved = json.loads(plan.read_text())
+    conv_b = onnx.load(path).graph.node[[n.name for n in onnx.load(path).graph.node].index("/conv_b")]
+    saved["applied"] = {"rounding": {"/conv_b": 1.25}, "smoothquant": {conv_b.input[0]: 0.5}}
+    plan.write_text(json.dumps(saved))
+    r = run("debug", path, q, "--data", d / "eval.npz", "--plan", plan, "--json", tmp_path / "d.json")
+    assert r.exit_code == 0, r.output
+    nodes = {n["name"]: n for n in json.loads((tmp_path / "d.json").read_text())["nodes"]}
+    assert nodes["/conv_b"]["applied"] == {"rounding": 1.25, "smoothquant": 0.5}
+    assert all(not n["applied"] for name, n in nodes.items() if name != "/conv_b")
+    row = next(line for line in r.output.splitlines() if " /conv_b " in line)
+    assert row.rstrip().endswith("rounding +1.2, smoothquant +0.5")
+
+
 def test_search_that_cannot_meet_the_target_exits_1_and_writes_nothing(outlier, tmp_path):
     d, path = outlier
     out = tmp_path / "s.onnx"
