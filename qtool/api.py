@@ -126,10 +126,11 @@ def _load_table(table, p: Prepared, options: QuantizeOptions) -> CalibrationTabl
         raise TableError("calibration table was made with pre-processing "
                          f"{'on' if table.params.get('preprocess', True) else 'off'}; quantize the same way "
                          "(--no-preprocess must match) or calibrate again")
-    made = tuple(table.params.get("algorithms", ()))
-    if made != tuple(options.algorithms):
+    from .algorithms import model_algorithms
+    made, wanted = tuple(table.params.get("algorithms", ())), model_algorithms(options.algorithms)
+    if made != wanted:
         raise TableError(f"calibration table was made with --algorithms {','.join(made) or 'none'}, which change the "
-                         f"weights; quantize with the same (not {','.join(options.algorithms) or 'none'}) or "
+                         f"weights; quantize with the same (not {','.join(wanted) or 'none'}) or "
                          "calibrate again")
     return table
 
@@ -208,8 +209,9 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
                       "calibrated without them, so the nodes inside its subgraphs stay float",)
     stats = {name: finish(obs, options) for name, obs in observers.items()}
     params = dict(_method_params(options), preprocess=quantize_options.preprocess)
-    if quantize_options.algorithms:
-        params["algorithms"] = list(quantize_options.algorithms)
+    from .algorithms import model_algorithms
+    if model_algorithms(quantize_options.algorithms):  # weight algorithms run after resolve: no table depends on them
+        params["algorithms"] = list(model_algorithms(quantize_options.algorithms))
     return CalibrationTable(p.sha256, options.method, params, samples, batches, stats,
                             __version__, notes=p.notes + run_notes)
 

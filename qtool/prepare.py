@@ -28,7 +28,10 @@ def prepare(path, preprocess: bool = True, algorithms: tuple[str, ...] = ()) -> 
     m = model_io.load(path)
     result = run_all(m, preprocess)
     model, notes = result.model, tuple(result.notes)
+    from .algorithms import WEIGHT
     for name in algorithms:
+        if name in WEIGHT:
+            continue  # run after resolve, on the plan (qtool.algorithms.weights)
         if name == "cle":
             from .algorithms.cle import equalize
             model, more = equalize(model)
