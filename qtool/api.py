@@ -86,7 +86,9 @@ def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
     a table, or in dynamic mode, resolved: every scale, zero point and kernel."""
     from dataclasses import replace
     from .planner import analyse, plan as make_plan
-    p = prepare(model, options.preprocess, options.algorithms)
+    if table is not None and not isinstance(table, CalibrationTable):
+        table = CalibrationTable.load(table)
+    p = prepare(model, options.preprocess, options.algorithms, table.smoothquant if table is not None else None)
     if table is None and options.mode == "static":
         from .subgraphs import body_plans
         facts, notes = analyse(p.model, options)
@@ -97,7 +99,12 @@ def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
 def _tie(the_plan: Plan, p: Prepared, options: QuantizeOptions) -> Plan:
     """Bind a plan to the model file and pre-processing it was made for."""
     from dataclasses import replace
-    return replace(the_plan, model_sha256=p.sha256, preprocess=options.preprocess, algorithms=options.algorithms)
+    smoothed = {}
+    if p.smoothing is not None:
+        smoothed = dict(smoothquant=p.smoothing.to_dict(), applied={**the_plan.applied,
+                                                                   "smoothquant": p.smoothing.applied()})
+    return replace(the_plan, model_sha256=p.sha256, preprocess=options.preprocess, algorithms=options.algorithms,
+                   **smoothed)
 
 
 def _resolved_plan(p: Prepared, options: QuantizeOptions, table: CalibrationTable | None,
@@ -173,8 +180,40 @@ def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOpti
     quantize are collected, so that a later ``--exclude`` (which can turn a
     shared tensor into one with its own range) works from the same table.
     """
-    p = prepare(model, quantize_options.preprocess, quantize_options.algorithms)
+    p = prepare(model, quantize_options.preprocess, quantize_options.algorithms,
+                measure=smoothing_measure(data, options, quantize_options, threads))
     return _calibrate_prepared(p, data, options, quantize_options, on_batch, threads)
+
+
+def smoothing_measure(data, options: CalibrateOptions, quantize_options: QuantizeOptions,
+                      threads: int | None = None):
+    """SmoothQuant's pass 1 for :func:`prepare`: stream ``data`` through the model as it stands
+    before smoothing and choose each layer's alpha on the integer grids ``quantize_options`` give
+    (qtool.algorithms.smoothquant.calibrate)."""
+    def measure(m):
+        from .algorithms.smoothquant import Grids, calibrate as smoothquant_pass
+        from .calib.collect import collect
+        ds = open_data(data, m)
+        size = _batch_size(m, options.batch_size)
+        return smoothquant_pass(m, lambda model, names, make: collect(
+            model, names, ds.batches(size, options.limit), make, None, threads)[0],
+            Grids.for_options(quantize_options))
+    return measure
+
+
+def _prepare_for(model, options: QuantizeOptions, table, data, calibrate_options: CalibrateOptions,
+                 threads: int | None = None) -> tuple[Prepared, CalibrationTable | None]:
+    """:func:`prepare` for quantize: a table (loaded here) brings its SmoothQuant record; data, the
+    pass that measures one."""
+    if table is not None and not isinstance(table, CalibrationTable):
+        table = CalibrationTable.load(table)
+    if "smoothquant" in options.algorithms and (options.mode != "static" or options.recipe != "int8"):
+        raise QtoolError("--algorithms smoothquant smooths the activations of static int8 MatMul/Gemm: not for "
+                         f"--mode {options.mode} / --weights {options.recipe}")
+    measure = smoothing_measure(data, calibrate_options, options, threads) if data is not None and table is None \
+        else None
+    return prepare(model, options.preprocess, options.algorithms, table.smoothquant if table is not None else None,
+                   measure), table
 
 
 def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_options: QuantizeOptions,
@@ -194,10 +233,14 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
     run_model, fetch = expose(p.model, inner)
     tensors += [t for t in fetch if t not in tensors]
     batch_size = _batch_size(p.model, options.batch_size)
+    from .calib.channels import ChannelObserver, channel_axes
+    axes = channel_axes(facts.view)
+
+    def observer(name):
+        return ChannelObserver(make_observer(options), axes[name]) if name in axes else make_observer(options)
 
     def run(m, names, exposed):
-        return collect(m, names, ds.batches(batch_size, options.limit), lambda: make_observer(options),
-                       on_batch, threads, exposed)
+        return collect(m, names, ds.batches(batch_size, options.limit), observer, on_batch, threads, exposed)
     try:
         observers, samples, batches, run_notes = run(run_model, tensors, fetch)
     except ModelError as exc:
@@ -213,7 +256,8 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
     if model_algorithms(quantize_options.algorithms):  # weight algorithms run after resolve: no table depends on them
         params["algorithms"] = list(model_algorithms(quantize_options.algorithms))
     return CalibrationTable(p.sha256, options.method, params, samples, batches, stats,
-                            __version__, notes=p.notes + run_notes)
+                            __version__, notes=p.notes + run_notes,
+                            smoothquant=p.smoothing.to_dict() if p.smoothing is not None else None)
 
 
 def _method_params(o: CalibrateOptions) -> dict:
@@ -303,7 +347,7 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
     if options.mode == "dynamic" and (table is not None or data is not None):
         raise QtoolError("--mode dynamic quantizes activations at run time and uses no calibration: "
                          "drop --table/--data, or quantize in static mode")
-    p = prepare(model, options.preprocess, options.algorithms)
+    p, table = _prepare_for(model, options, table, data, calibrate_options)
     if options.recipe != "int8":
         return _float_recipe_plan(p, table, data, options, calibrate_options), p, None
     facts = analyse(p.model, options)
@@ -350,7 +394,7 @@ def _float_recipe_plan(p: Prepared, table, data, options: QuantizeOptions,
 def _saved_plan(model, plan) -> tuple[Plan, Prepared]:
     from .plan_check import check_plan, load_plan
     saved = plan if isinstance(plan, Plan) else load_plan(plan)
-    p = prepare(model, saved.preprocess, saved.algorithms)
+    p = prepare(model, saved.preprocess, saved.algorithms, saved.smoothquant)
     check_plan(saved, p)
     return saved, p
 

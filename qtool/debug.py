@@ -653,7 +653,8 @@ def run(reference, candidate, data, table=None, preprocess: bool = True, batch_s
         from .errors import PlanError
         plan = load_plan(plan) if not hasattr(plan, "nodes") else plan
         preprocess = plan.preprocess
-    p = prepare(reference, preprocess, plan.algorithms if plan is not None else ())
+    p = prepare(reference, preprocess, plan.algorithms if plan is not None else (),
+                plan.smoothquant if plan is not None else None)
     if plan is not None and plan.model_sha256 != p.sha256:
         raise PlanError(f"the plan was made for another model than {reference} (model_sha256 differs)")
     q = model_io.load(candidate)

@@ -188,6 +188,9 @@ class Plan:
     # what each accuracy algorithm did where: {algorithm: {node or tensor: measured gain in dB}}; the gain is
     # the SQNR of what that algorithm is judged on (a layer's output, the model's outputs), after minus before
     applied: dict = field(default_factory=dict)
+    # the SmoothQuant record the model was smoothed with (algorithms.smoothquant.Smoothing.to_dict), so that
+    # the plan alone rebuilds the same smoothed model
+    smoothquant: dict | None = None
     node_index: dict = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -219,7 +222,8 @@ class Plan:
         } | ({"subgraphs": {k: _body_dict(v) for k, v in self.subgraphs.items()}} if self.subgraphs else {}) \
           | ({"io_fp16": True} if self.io_fp16 else {}) \
           | ({"algorithms": list(self.algorithms)} if self.algorithms else {}) \
-          | ({"applied": {k: dict(v) for k, v in self.applied.items()}} if self.applied else {})
+          | ({"applied": {k: dict(v) for k, v in self.applied.items()}} if self.applied else {}) \
+          | ({"smoothquant": self.smoothquant} if self.smoothquant is not None else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -271,7 +275,7 @@ class Plan:
                    str(data.get("quant_format", "qdq")), Target.parse(data.get("target", "cpu")),
                    str(data.get("model_sha256", "")), _bool(data, "preprocess", True),
                    _bool(data, "resolved", False), version, subgraphs, _bool(data, "io_fp16", False),
-                   _algorithms(data), _applied(data))
+                   _algorithms(data), _applied(data), _smoothquant(data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -361,6 +365,17 @@ def _applied(d: dict) -> dict:
             gains[str(k)] = float(v)
         out[str(algorithm)] = gains
     return out
+
+
+def _smoothquant(d: dict) -> dict | None:
+    value = d.get("smoothquant")
+    if value is None:
+        return None
+    from .algorithms.smoothquant import Smoothing
+    try:
+        return Smoothing.from_dict(value).to_dict()
+    except ValueError as exc:
+        raise ValueError(f"smoothquant: {exc}") from None
 
 
 def _algorithms(d: dict) -> tuple[str, ...]:

@@ -468,7 +468,6 @@ def quantize_search(model, output, table, data, options: QuantizeOptions, calibr
     from . import model as model_io
     from .errors import QtoolError
     from .planner import analyse
-    from .prepare import prepare
     if options.mode != "static":
         raise QtoolError("the accuracy search (--eval-data) needs static mode: drop --mode dynamic")
     if sopts.fallback not in FALLBACKS:
@@ -478,7 +477,7 @@ def quantize_search(model, output, table, data, options: QuantizeOptions, calibr
     model_io.check_output_path(output, model)
     if table is None and data is None:
         raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
-    p = prepare(model, options.preprocess, options.algorithms)
+    p, table = api._prepare_for(model, options, table, data, calibrate_options)
     ds = api.open_data(eval_data, p.model)
     if table is None:
         table = api._calibrate_prepared(p, data, calibrate_options, options, on_batch,

@@ -349,7 +349,7 @@ def collect_hessians(p, activations: list[str], data, calibrate_options) -> tupl
     from .calib.collect import collect
     batch_size = _batch_size(p.model, calibrate_options.batch_size)
     observers, samples, batches, _ = collect(p.model, activations, data.batches(batch_size, calibrate_options.limit),
-                                             HessianObserver)
+                                             lambda _: HessianObserver())
     missing = [a for a in activations if getattr(observers.get(a), "h", None) is None]
     if missing:
         raise QtoolError(f"--int4-method gptq: no activation reached {missing[0]} on this data")

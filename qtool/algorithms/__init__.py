@@ -4,7 +4,7 @@ MODEL algorithms change the fp32 model before calibration and planning (a table 
 WEIGHT algorithms run after resolve on the resolved plan and change only what the rewriter writes
 for a quantized weight or bias (the plan records it; a table does not depend on them)."""
 
-MODEL = ("cle",)
+MODEL = ("cle", "smoothquant")
 WEIGHT = ("rounding", "bias_correction")
 KNOWN = MODEL + WEIGHT
 

@@ -29,10 +29,10 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
 
 def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
-            make_observer: Callable[[], object], on_batch: Callable[[int], None] | None = None,
+            make_observer: Callable[[str], object], on_batch: Callable[[int], None] | None = None,
             threads: int | None = None, fetch: dict[str, str] | None = None
             ) -> tuple[dict[str, object], int, int, tuple[str, ...]]:
-    """Run every batch and update one observer per tensor. ``fetch``: the main-graph
+    """Run every batch and update one observer per tensor (``make_observer(name)``). ``fetch``: the main-graph
     output that carries a subgraph's tensor (see qtool.subgraphs.expose).
 
     Returns (observers, samples, batches, notes); a tensor that never held a value (an If
@@ -44,7 +44,7 @@ def collect(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
     outputs = [fetch.get(t, t) for t in tensors]
     sess = runtime.session(augment(model, outputs), threads=threads)
     input_names = {i.name for i in sess.get_inputs()}
-    observers = {name: make_observer() for name in tensors}
+    observers = {name: make_observer(name) for name in tensors}
     seen: set[str] = set()
     samples = index = 0
     single = False  # the model only runs one sample at a time (a batch of 1 fixed inside it)

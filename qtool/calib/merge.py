@@ -16,6 +16,10 @@ def merge_tables(tables: list[CalibrationTable]) -> CalibrationTable:
     if len(tables) < 2:
         raise TableError("--merge needs at least two tables")
     first = tables[0]
+    if first.method == "auto":
+        raise TableError("tables made with --method auto cannot be merged: each shard's choices were measured on "
+                         "that shard alone; merge tables of a histogram method (e.g. mse) and calibrate --method "
+                         "auto on one shard, or on all the data at once")
     for t in tables[1:]:
         if t.model_sha256 != first.model_sha256:
             raise TableError("cannot merge tables of different models (sha256 differs)")
@@ -37,6 +41,8 @@ def _merge_stats(parts: list[TensorStats], table: CalibrationTable) -> TensorSta
     seen = [p for p in parts if p.count > 0]
     if not seen:
         return parts[0]
+    from .channels import merge_channels
+    channels = merge_channels([(p.channels, p.count) for p in parts])
     lo, hi = min(p.min for p in seen), max(p.max for p in seen)
     count = sum(p.count for p in parts)
     notes = tuple(sorted({n for p in parts for n in p.notes if not n.startswith(("constant", "no values"))}))
@@ -49,9 +55,9 @@ def _merge_stats(parts: list[TensorStats], table: CalibrationTable) -> TensorSta
         if table.params.get("symmetric"):
             m = max(abs(lo), abs(hi))
             rng = (-m, m)
-        return TensorStats(lo, hi, count, rng, notes)
+        return TensorStats(lo, hi, count, rng, notes, None, channels)
     from .histogram import StreamingHistogram
     from .methods import histogram_range
     merged = StreamingHistogram.merged([StreamingHistogram.from_dict(p.histogram) for p in parts])
     hist = merged.to_dict()
-    return TensorStats(lo, hi, count, histogram_range(hist, table.method, table.params), notes, hist)
+    return TensorStats(lo, hi, count, histogram_range(hist, table.method, table.params), notes, hist, channels)

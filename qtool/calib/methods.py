@@ -19,7 +19,8 @@ def finish(observer, options: CalibrateOptions) -> TensorStats:
         rng = (lo, hi)
     else:
         rng = _range_of(observer.hist, options.method, _params(options))
-    return TensorStats(stats["min"], stats["max"], stats["count"], rng, tuple(stats["notes"]), hist)
+    return TensorStats(stats["min"], stats["max"], stats["count"], rng, tuple(stats["notes"]), hist,
+                       stats.get("channels"))
 
 
 def _params(options: CalibrateOptions) -> dict:

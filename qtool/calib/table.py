@@ -7,11 +7,17 @@ Layout (format_version 1)::
      "samples": 256, "batches": 8,
      "tensors": {"conv1_out": {"min": -1.2, "max": 3.4, "count": 200704,
                                "range": [-1.2, 3.4], "notes": [],
-                               "histogram": null | {compact histogram}}}}
+                               "histogram": null | {compact histogram},
+                               "channels": {"axis": -1, "min": [...], "max": [...], "mean": [...]}}},
+     "smoothquant": {...}}
 
 ``range`` is what ``method`` chose; ``min``/``max`` are always kept, and a
 ``histogram`` (histogram methods) lets another method be derived later without
-running the model again.
+running the model again. ``channels`` (optional: the data inputs of MatMul, Gemm and Conv)
+holds per-channel extremes and means along the layer's input-channel axis (see
+``channels.py``); ``smoothquant`` (optional, tables made with ``--algorithms smoothquant``)
+the record from which the smoothed model is rebuilt (see ``qtool.algorithms.smoothquant``).
+Both are absent from older tables, which load as before.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ class TensorStats:
     range: tuple[float, float]
     notes: tuple[str, ...] = ()
     histogram: dict | None = None
+    channels: dict | None = None  # per input channel: {"axis", "min", "max", "mean"} (channels.py)
 
     def to_dict(self) -> dict:
         return {"min": self.min, "max": self.max, "count": self.count, "range": list(self.range),
-                "notes": list(self.notes), "histogram": self.histogram}
+                "notes": list(self.notes), "histogram": self.histogram} \
+            | ({"channels": self.channels} if self.channels is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorStats":
@@ -63,7 +71,11 @@ class TensorStats:
         notes = d.get("notes", [])
         if not isinstance(notes, list):
             raise ValueError("notes must be a list")
-        return cls(mn, mx, count, (lo, hi), tuple(str(n) for n in notes), hist)
+        channels = d.get("channels")
+        if channels is not None:
+            from .channels import check_channels
+            channels = check_channels(channels)
+        return cls(mn, mx, count, (lo, hi), tuple(str(n) for n in notes), hist, channels)
 
 
 def _finite(value, what: str) -> float:
@@ -83,6 +95,7 @@ class CalibrationTable:
     qtool_version: str = ""
     format_version: int = FORMAT_VERSION
     notes: tuple[str, ...] = field(default=())
+    smoothquant: dict | None = None  # the SmoothQuant record (qtool.algorithms.smoothquant.Smoothing.to_dict)
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         return {name: s.range for name, s in self.tensors.items()}
@@ -91,7 +104,8 @@ class CalibrationTable:
         return {"format": FORMAT, "format_version": self.format_version, "qtool_version": self.qtool_version,
                 "model_sha256": self.model_sha256, "method": self.method, "params": self.params,
                 "samples": self.samples, "batches": self.batches, "notes": list(self.notes),
-                "tensors": {k: v.to_dict() for k, v in self.tensors.items()}}
+                "tensors": {k: v.to_dict() for k, v in self.tensors.items()}} \
+            | ({"smoothquant": self.smoothquant} if self.smoothquant is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationTable":
@@ -115,10 +129,17 @@ class CalibrationTable:
                 tensors[name] = TensorStats.from_dict(stats)
             except (KeyError, TypeError, ValueError) as exc:
                 raise TableError(f"tensor {name!r}: {f'missing {exc}' if isinstance(exc, KeyError) else exc}") from None
+        smooth = d.get("smoothquant")
+        if smooth is not None:
+            from ..algorithms.smoothquant import Smoothing
+            try:
+                smooth = Smoothing.from_dict(smooth).to_dict()
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TableError(f"smoothquant: {f'missing {exc}' if isinstance(exc, KeyError) else exc}") from None
         try:
             return cls(d["model_sha256"], d["method"], dict(d.get("params", {})), int(d["samples"]),
                        int(d["batches"]), tensors, d.get("qtool_version", ""), int(d["format_version"]),
-                       tuple(d.get("notes", ())))
+                       tuple(d.get("notes", ())), smooth)
         except (KeyError, TypeError, ValueError) as exc:
             raise TableError(f"malformed calibration table ({type(exc).__name__}: {exc})") from None
 
