@@ -398,14 +398,8 @@ class MiniLM:
 MODELS = {"effnet": EffNet, "minilm": MiniLM}
 
 
-def plan_rows(M, tmp: Path, calib_n: int, nncf_ok: bool) -> list[dict]:
-    """Every row: label, worker spec (None for fp32), notes."""
-    model, calib = str(M.model), str(M.calib)
-
-    def out(name):
-        return str(tmp / f"{M.key}.{name}.onnx")
-
-    rows = [{"label": "fp32", "spec": None, "path": M.model}]
+def formats_rows() -> list[tuple[str, str, dict, dict]]:
+    """qtool's formats and modes (``--rows formats``, the default)."""
     q = [("qtool static QDQ minmax (default)", "qtool_minmax", {}, {}),
          ("qtool static QDQ percentile", "qtool_pct", {}, {"method": "percentile"}),
          ("qtool QOperator", "qtool_qop", {"format": "qoperator"}, {}),
@@ -414,6 +408,32 @@ def plan_rows(M, tmp: Path, calib_n: int, nncf_ok: bool) -> list[dict]:
     if cpu_saturates_u8s8():  # the default picked uint8 weights: measure the 7-bit int8 alternative too
         q += [("qtool static QDQ minmax, int8 weights (7-bit)", "qtool_w7", {"weight_type": "int8"}, {}),
               ("qtool dynamic, int8 weights (7-bit)", "qtool_dyn_w7", {"mode": "dynamic", "weight_type": "int8"}, {})]
+    return q
+
+
+def algorithm_rows() -> list[tuple[str, str, dict, dict]]:
+    """qtool's static int8 default, then each accuracy algorithm alone, then all of them where they
+    measurably help (``--rows algorithms``): no float fallback in any row."""
+    q = [("qtool static (default)", "qtool_default", {}, {})]
+    for name in ("cle", "smoothquant", "bias_correction", "rounding"):
+        q.append((f"qtool static + {name}", f"qtool_{name}", {"algorithms": [name]}, {}))
+    q += [("qtool static --method auto", "qtool_mauto", {}, {"method": "auto"}),
+          ("qtool static --algorithms auto", "qtool_auto", {"algorithms": ["auto"]}, {})]
+    return q
+
+
+ROWS = {"formats": formats_rows, "algorithms": algorithm_rows}
+
+
+def plan_rows(M, tmp: Path, calib_n: int, nncf_ok: bool, which: str = "formats") -> list[dict]:
+    """Every row: label, worker spec (None for fp32), notes."""
+    model, calib = str(M.model), str(M.calib)
+
+    def out(name):
+        return str(tmp / f"{M.key}.{name}.onnx")
+
+    rows = [{"label": "fp32", "spec": None, "path": M.model}]
+    q = ROWS[which]()
     for label, name, opts, copts in q:
         rows.append({"label": label, "path": Path(out(name)), "spec": {
             "tool": "qtool", "model": model, "out": out(name), "data": calib, "options": opts, "calibrate": copts}})
@@ -440,7 +460,7 @@ def bench_model(M, args, runner: Runner, tmp: Path, nncf_ok: bool) -> None:
     t_model = time.perf_counter()
     print(f"\n=== {M.title}: {M.model}")
     calib_n = M.calib_samples()
-    rows = plan_rows(M, tmp, calib_n, nncf_ok)
+    rows = plan_rows(M, tmp, calib_n, nncf_ok, args.rows)
 
     # 1. quantize, each in its own subprocess
     for r in rows:
@@ -602,6 +622,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per quantizer (default 600)")
     ap.add_argument("--as-limit-gib", type=float, default=16, help="RLIMIT_AS per quantizer (default 16)")
     ap.add_argument("--keep", type=Path, help="keep quantized models and logs in this folder")
+    ap.add_argument("--rows", choices=sorted(ROWS), default="formats",
+                    help="qtool's rows: formats (formats and modes) or algorithms (issue 12's accuracy "
+                         "algorithms, each alone and auto)")
     args = ap.parse_args()
     # per model unless given: effnet 30, minilm 20 (a fp32 MiniLM run is ~15x an EffNet batch of 8)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
