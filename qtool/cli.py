@@ -339,7 +339,7 @@ def _summary(plan) -> str:
     """'9 of 10 nodes quantized', or for the float recipes what they made of the nodes."""
     from .types import Precision
     nodes = plan.all_nodes()
-    int4 = sum(1 for n in nodes if n.kernel in ("MatMulNBits", "GatherBlockQuantized"))
+    int4 = sum(1 for n in nodes if n.kernel in ("MatMulNBits", "GatherBlockQuantized") and n.precision.bits == 4)
     half = sum(1 for n in nodes if n.precision is Precision.FP16)
     other = sum(1 for n in nodes if n.quantized) - int4
     if not (int4 or half):

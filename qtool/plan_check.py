@@ -21,7 +21,8 @@ from .prepare import Prepared
 from .qparams import bias_scale
 from .resolve import QDQ_16BIT_OPSET, int8_output, kernels_for, as_array, share_root
 from .rules.dynamic import KERNEL as DYNAMIC_KERNEL, SHARED_KERNEL
-from .types import MS_DOMAIN, PerAxis, PerTensor, Precision
+from .rules.movement import TABLE_KERNEL, row_block
+from .types import MS_DOMAIN, PerAxis, PerBlock, PerTensor, Precision
 
 TINY = float(np.finfo(np.float32).tiny)
 
@@ -139,6 +140,12 @@ def _check_node(n: NodePlan, plan: Plan, view: GraphView) -> None:
         if int8_out != (n.kernel == "QLinearMatMul"):
             _fail(what, f"kernel {n.kernel} does not match its output, which the plan "
                         f"{'quantizes' if int8_out else 'keeps float'}")
+    if n.kernel == TABLE_KERNEL:
+        table = plan.tensors.get(view.by_name[n.name].input[0])
+        if table is None or not isinstance(table.granularity, PerBlock) or n.inputs != (table.name,):
+            _fail(what, "GatherBlockQuantized reads its table quantized per block (and nothing else quantized)")
+    elif any(isinstance(plan.tensors[t].granularity, PerBlock) for t in n.inputs if t in plan.tensors):
+        _fail(what, "only GatherBlockQuantized reads a tensor quantized per block")
     if plan.mode == "dynamic" and n.kernel in (DYNAMIC_KERNEL, SHARED_KERNEL):
         _check_dynamic(what, n, plan, view)
     elif n.bias:
@@ -233,6 +240,9 @@ def _check_values(what: str, t: TensorPlan, scale: np.ndarray, zp: np.ndarray, v
     shape = tuple(view.initializers[t.name].dims)  # the header: no need to decode the weight itself
     if t.role is Role.WEIGHT and t.transpose:
         shape = shape[::-1]
+    if isinstance(t.granularity, PerBlock) and t.role is Role.WEIGHT:
+        _check_table(what, t, scale, view)
+        return
     axis = t.granularity.axis
     if not -len(shape) <= axis < len(shape):
         _fail(what, f"axis {axis} is out of range for shape {list(shape)}")
@@ -245,6 +255,21 @@ def _check_share(what: str, t: TensorPlan, plan: Plan) -> None:
         _fail(what, f"shares the parameters of {t.source!r}, which is not in the plan")
     root = share_root(plan.tensors, t.name)
     if root.action is Action.SHARE or not root.has_params:
+def _check_table(what: str, t: TensorPlan, scale: np.ndarray, view: GraphView) -> None:
+    """Per-block parameters exist only for an embedding table read by GatherBlockQuantized:
+    uint8, blocks of a power of two (at least 16) along its rows, one scale per block."""
+    shape = tuple(view.initializers[t.name].dims)
+    g = t.granularity
+    if len(shape) != 2 or g.axis != 1 or t.precision is not Precision.UINT8 or g.size != row_block(g.size) \
+            or shape[1] % g.size:
+        _fail(what, f"granularity {g} is not supported for a weight: per block is for uint8 [V, D] tables "
+                    "with blocks of a power of two (at least 16) dividing D, along axis 1")
+    expected = shape[0] * shape[1] // g.size
+    if scale.size != expected:
+        _fail(what, f"per block of {g.size} needs {expected} scales ([{shape[0]}, {shape[1] // g.size}]), "
+                    f"found {scale.size}")
+
+
         _fail(what, f"shares parameters in a cycle or with an unquantized tensor ({root.name!r})")
     if root.granularity != PerTensor() or (t.scale, t.zero_point, t.precision) != (root.scale, root.zero_point,
                                                                                    root.precision):

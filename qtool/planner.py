@@ -25,7 +25,7 @@ from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .rules import RULES, Act, Bias, Context, Facts, Joined, NodeRule, Optional, Share, Skip, Weight
 from .rules import dynamic as dynamic_rules
 from .rules import trt as trt_rules
-from .types import PerAxis, PerTensor, Precision, Target, cpu_saturates_u8s8
+from .types import PerAxis, PerBlock, PerTensor, Precision, Target, cpu_saturates_u8s8
 
 WBQ_OPS = ("Conv", "ConvTranspose", "Gemm")  # onnxruntime's WeightBiasQuantization targets
 
@@ -329,7 +329,8 @@ class _Assembly:
                     source=node.input[spec.input_index], weight=node.input[spec.weight_index])
 
     def _weight(self, tensor: str, node: str, spec: Weight, act: Precision, options) -> TensorPlan:
-        granularity = PerTensor() if spec.axis is None else PerAxis(spec.axis)
+        granularity = PerTensor() if spec.axis is None else PerBlock(spec.axis, spec.block) if spec.block \
+            else PerAxis(spec.axis)
         if self.trt:  # no CPU saturation workaround: TensorRT's int8 kernels take full 8-bit weights
             what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
             return TensorPlan(tensor, Role.WEIGHT, Action.QUANTIZE, f"weight of {node}, {what}, symmetric int8 "
@@ -340,7 +341,8 @@ class _Assembly:
         precision = spec.precision or _weight_precision(options.weight_type, saturates, act, op)
         reduce = saturates and precision is Precision.INT8
         self.reduced |= saturates
-        what = "per tensor" if spec.axis is None else f"per axis {spec.axis}"
+        what = "per tensor" if spec.axis is None else f"per block of {spec.block} along axis {spec.axis}" \
+            if spec.block else f"per axis {spec.axis}"
         how = ""
         if saturates:
             how = ", 7-bit grid (CPU without VNNI)" if reduce else ", uint8 around 128 (exact u8 x u8 kernels: CPU without VNNI)"

@@ -106,18 +106,39 @@ def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
 
 def weight_qparams(w: np.ndarray, qtype: Precision, granularity, symmetric: bool = True,
                    bounds: tuple[int, int] | None = None):
-    """Per-tensor or per-axis scale/zero point of a weight from its own min/max.
+    """Per-tensor, per-axis or per-block scale/zero point of a weight from its own min/max.
 
     A [2, 3] weight [[1, -2, 0.5], [0.1, 0.2, -0.4]] per axis 0, int8 symmetric:
-    scales = [2/127, 0.4/127], zero points [0, 0].
+    scales = [2/127, 0.4/127], zero points [0, 0]. Per block, the parameters have the
+    weight's shape with the block axis replaced by its block count (a [V, 384] table in
+    blocks of 128 along axis 1: [V, 3]).
     """
     w = np.asarray(w, dtype=np.float32)
+    if isinstance(granularity, PerBlock):
+        blocks = _blocks(w, granularity)
+        lo, hi = blocks.min(axis=-1, initial=0.0), blocks.max(axis=-1, initial=0.0)
+        return choose_qparams(np.moveaxis(lo, -1, granularity.axis), np.moveaxis(hi, -1, granularity.axis),
+                              qtype, symmetric, bounds)
     if isinstance(granularity, PerAxis):
         moved = np.moveaxis(w, granularity.axis, 0).reshape(w.shape[granularity.axis], -1)
         lo, hi = moved.min(axis=1, initial=0.0), moved.max(axis=1, initial=0.0)
     else:
         lo, hi = w.min(initial=0.0), w.max(initial=0.0)
     return choose_qparams(lo, hi, qtype, symmetric, bounds)
+
+
+def _blocks(w: np.ndarray, g: PerBlock) -> np.ndarray:
+    """``w`` with the block axis moved last and split into (blocks, size); its length must be a multiple of the size."""
+    moved = np.moveaxis(w, g.axis, -1)
+    if moved.shape[-1] % g.size:
+        raise ValueError(f"axis {g.axis} of length {moved.shape[-1]} is not a multiple of the block size {g.size}")
+    return moved.reshape(moved.shape[:-1] + (moved.shape[-1] // g.size, g.size))
+
+
+def expand_blocks(param: np.ndarray, g: PerBlock) -> np.ndarray:
+    """Per-block parameters (the tensor's shape with the block axis replaced by its block count)
+    repeated to one per element: [[0.1, 0.2]] per block of 2 along axis 1 -> [[0.1, 0.1, 0.2, 0.2]]."""
+    return np.repeat(np.asarray(param), g.size, axis=g.axis)
 
 
 def bias_scale(input_scale, weight_scale, shape=()) -> np.ndarray:

@@ -25,6 +25,7 @@ from .graph import GraphView
 from .plans import Action, Plan, Role, TensorPlan
 from .qparams import bias_scale, choose_qparams, reduced_bounds, weight_qparams
 from .rules.dynamic import KERNEL as DYNAMIC_KERNEL, SHARED_KERNEL
+from .rules.movement import TABLE_KERNEL
 from .types import MS_DOMAIN, PerTensor, Precision
 
 INT32_RANGE = float(2**32 - 2)      # onnxruntime's qrange for the bias check
@@ -120,9 +121,9 @@ def _with_params(t: TensorPlan, scale, zp, raised: int) -> TensorPlan:
     if raised:
         reason += (f"; scale of {raised} channel(s) raised so that the int32 bias fits"
                    if per_axis else "; scale raised so that the int32 bias fits")
-    return replace(t, reason=reason,
-                   scale=tuple(float(v) for v in scale) if per_axis else float(scale),
-                   zero_point=tuple(int(v) for v in zp) if per_axis else int(zp))
+    return replace(t, reason=reason,  # per block: the parameters' array in C order
+                   scale=tuple(float(v) for v in np.ravel(scale)) if per_axis else float(scale),
+                   zero_point=tuple(int(v) for v in np.ravel(zp)) if per_axis else int(zp))
 
 
 def _bias(t: TensorPlan, tensors: dict, view: GraphView) -> TensorPlan:
@@ -163,6 +164,8 @@ def _resolve_shares(tensors: dict) -> None:
 
 def kernels_for(op_type: str, mode: str, fmt: str) -> set[str]:
     """Every kernel a rewriter may emit for a quantized ``op_type`` node."""
+    if op_type == "Gather" and (mode == "dynamic" or fmt == "qdq"):
+        return {op_type, TABLE_KERNEL}
     if mode == "dynamic":
         return {DYNAMIC_KERNEL, SHARED_KERNEL} if op_type in ("MatMul", "Gemm") else {op_type}
     if fmt == "qdq":
@@ -176,6 +179,8 @@ def _kernel(n, plan: Plan, tensors: dict, view: GraphView) -> str:
     """The op the rewriter emits for a quantized node ("" when fused into another)."""
     if not n.quantized or n.fused_into:
         return ""
+    if n.kernel == TABLE_KERNEL:  # decided by the rule: the table's layout depends on it
+        return n.kernel
     if plan.mode == "dynamic":
         if n.kernel == DYNAMIC_KERNEL or n.kernel == SHARED_KERNEL:
             node = view.by_name[n.name]

@@ -17,7 +17,8 @@ import onnx
 from onnx import numpy_helper
 
 from qtool.plans import Action, Plan, Role
-from qtool.qparams import choose_qparams, dequantize
+from qtool.qparams import choose_qparams, dequantize, expand_blocks
+from qtool.types import PerBlock
 
 DYNAMIC_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
@@ -46,6 +47,15 @@ def assert_model_matches_plan(q: onnx.ModelProto, plan: Plan, fp32: onnx.ModelPr
         w = floats[t.name].T if t.transpose else floats[t.name]
         q_name = f"{t.name}_quantized"
         assert q_name in inits, f"{t.name}: no quantized initializer written"
+        if isinstance(t.granularity, PerBlock):  # a table read by GatherBlockQuantized: parameters [V, D / block]
+            scale, zp = scale.reshape(inits[f"{t.name}_scale"].shape), zp.reshape(inits[f"{t.name}_scale"].shape)
+            full_s, full_z = (expand_blocks(p, t.granularity) for p in (scale, zp))
+            back = dequantize(inits[q_name], full_s, full_z)
+            assert inits[q_name].dtype == t.precision.dtype and scale.shape[1] * t.granularity.size == w.shape[1]
+            assert np.all(np.abs(back - w) <= full_s / 2 * 1.0001 + 1e-12), f"{t.name}: table off its plan's grid"
+            np.testing.assert_array_equal(inits[f"{t.name}_scale"], scale, err_msg=t.name)
+            np.testing.assert_array_equal(inits[f"{t.name}_zero_point"], zp, err_msg=t.name)
+            continue
         axis = t.axis if np.ndim(scale) else None
         if t.role is Role.WEIGHT:
             got = inits[q_name]

@@ -15,7 +15,9 @@ from onnx import helper
 
 from ..graph import GraphView, reads_of
 from ..plans import Action, Plan, Role, TensorPlan
+from ..qparams import expand_blocks, quantize
 from ..resolve import stored_weight
+from ..rules.movement import TABLE_KERNEL
 from ..types import MS_DOMAIN
 from .names import Names
 from .weights import initializer, params, quantize_bias, quantize_weight
@@ -58,15 +60,20 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     view = GraphView(model)
     own = len(graph.initializer)
     b = _Builder(out)
-    head = [b.constant_dq(t, *quantize_weight(stored_weight(t, view), t)) for t in _constants(plan, Role.WEIGHT)]
+    gathers = {n.name: n for n in plan.nodes if n.kernel == TABLE_KERNEL}
+    tables = {n.inputs[0] for n in gathers.values()}
+    head = [b.constant_dq(t, *quantize_weight(stored_weight(t, view), t)) for t in _constants(plan, Role.WEIGHT)
+            if t.name not in tables]
     head += [b.constant_dq(t, *quantize_bias(view.array(t.name), t)) for t in _constants(plan, Role.BIAS)]
     act_nodes = {name: _activation_nodes(t, b) for name, t in plan.tensors.items()
                  if t.role is Role.ACTIVATION and t.action in (Action.QUANTIZE, Action.SHARE)}
     body: list[onnx.NodeProto] = []
     for name in view.graph_inputs:
         body.extend(act_nodes.get(name, []))
+    rows: dict[str, list[str]] = {}
     for node in graph.node:
-        body.append(node)
+        decided = gathers.get(view.node_name(node))
+        body.append(node if decided is None else _table_gather(node, plan.tensors[decided.inputs[0]], view, b, rows))
         for o in node.output:
             body.extend(act_nodes.get(o, []))
     for node in graph.node:
@@ -85,9 +92,34 @@ def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(head + body)
     drop_stale_inputs(graph, removed)
-    if any(t.qdq_domain == MS_DOMAIN for t in plan.tensors.values() if t.quantized):
+    if gathers or any(t.qdq_domain == MS_DOMAIN for t in plan.tensors.values() if t.quantized):
         ensure_ms_opset(out)
     return out
+
+
+def _table_gather(node: onnx.NodeProto, t: TensorPlan, view: GraphView, b: _Builder,
+                  rows: dict[str, list[str]]) -> onnx.NodeProto:
+    """Gather -> GatherBlockQuantized reading the uint8 table with its per-row (per-block)
+    scales and zero points [V, D / block]; a table read by several Gathers is written once."""
+    if t.name not in rows:
+        q, scale, zp = table_rows(view.array(t.name), t)
+        rows[t.name] = [b.const(f"{t.name}_quantized", q), b.const(f"{t.name}_scale", scale),
+                        b.const(f"{t.name}_zero_point", zp)]
+    data, scale, zp = rows[t.name]
+    return helper.make_node(TABLE_KERNEL, [data, node.input[1], scale, zp], list(node.output), name=node.name,
+                            domain=MS_DOMAIN, bits=8, block_size=t.granularity.size, gather_axis=0,
+                            quantize_axis=1)
+
+
+def table_rows(table: np.ndarray, t: TensorPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q, scale, zero point) of a [V, D] table quantized per block of its rows with the plan's
+    parameters, which it holds flat in C order: [V * D / block] -> [V, D / block]."""
+    g = t.granularity
+    scale, zp = params(t)
+    grid = (table.shape[0], table.shape[1] // g.size)
+    scale, zp = scale.reshape(grid), zp.reshape(grid)
+    q = quantize(table.astype(np.float32), expand_blocks(scale, g), expand_blocks(zp, g), t.precision)
+    return q, scale, zp
 
 
 def _constants(plan: Plan, role: Role) -> list[TensorPlan]:

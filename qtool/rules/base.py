@@ -48,13 +48,16 @@ class Weight:
     stored) or None for per-tensor. ``precision`` overrides the options' weight
     type (embedding tables take the activation type so that gathered rows match
     their consumers); ``matmul``: it feeds an integer matrix product (7-bit on
-    CPUs without VNNI); ``transpose``: stored transposed (dynamic Gemm, transB)."""
+    CPUs without VNNI); ``transpose``: stored transposed (dynamic Gemm, transB);
+    ``block``: one scale per ``block`` elements along ``axis`` instead of one per slice
+    (an embedding table's rows, read by GatherBlockQuantized)."""
 
     axis: int | None
     precision: Precision | None = None
     symmetric: bool = True
     matmul: bool = True
     transpose: bool = False
+    block: int | None = None
 
 
 @dataclass(frozen=True)
