@@ -121,6 +121,9 @@ def _resolved_plan(p: Prepared, options: QuantizeOptions, table: CalibrationTabl
     from .subgraphs import body_plans
     decided = make_plan(facts, p.notes + notes)
     resolved = replace(resolve(decided, facts.view, ranges), subgraphs=body_plans(p.model, options, ranges))
+    if ranges.method == "auto":
+        from .calib.auto import explain_choices
+        resolved = explain_choices(resolved, table)
     return _tie(resolved, p, options)
 
 
@@ -165,7 +168,7 @@ class TableRanges:
         return cls(None, None)
 
     def __call__(self, name: str, precision) -> tuple[float, float]:
-        if precision.bits <= 8 or self.method not in ("mse", "entropy"):
+        if precision.bits <= 8 or self.method not in ("mse", "entropy", "auto"):
             return self.base[name]
         from .calib.methods import derive_range
         return derive_range(self.table.tensors[name], self.method, self.table.params, precision.bits)
@@ -251,6 +254,13 @@ def _calibrate_prepared(p: Prepared, data, options: CalibrateOptions, quantize_o
         run_notes += (f"the model fails with its subgraphs' tensors exposed as outputs ({str(exc)[:200]}): "
                       "calibrated without them, so the nodes inside its subgraphs stay float",)
     stats = {name: finish(obs, options) for name, obs in observers.items()}
+    if options.method == "auto":
+        from .calib.auto import choose
+        size = 1 if any(n.startswith("the model fails on batches") for n in run_notes) else \
+            _batch_size(p.model, min(batch_size, 8))
+        stats, more = choose(p.model, stats, facts, _method_params(options),
+                             lambda: ds.batches(size, options.auto_samples), threads)
+        run_notes += more
     params = dict(_method_params(options), preprocess=quantize_options.preprocess)
     from .algorithms import model_algorithms
     if model_algorithms(quantize_options.algorithms):  # weight algorithms run after resolve: no table depends on them
@@ -266,6 +276,8 @@ def _method_params(o: CalibrateOptions) -> dict:
         params.update(moving_average=o.moving_average, averaging_constant=o.averaging_constant)
     else:
         params.update(bins=o.bins, percentile=o.percentile)
+    if o.method == "auto":
+        params.update(auto_samples=o.auto_samples)
     return params
 
 

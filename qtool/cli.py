@@ -15,7 +15,7 @@ import sys
 
 import click
 
-METHODS = ["minmax", "entropy", "percentile", "mse"]
+METHODS = ["minmax", "entropy", "percentile", "mse", "auto"]
 
 
 def _fail(message: str, code: int) -> None:

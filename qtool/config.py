@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "auto")
 ACTIVATION_TYPES = ("int8", "uint8")
 WEIGHT_TYPES = ("auto", "int8", "uint8")
 FORMATS = ("qdq", "qoperator")
@@ -33,10 +33,13 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 class CalibrateOptions:
     """How statistics are collected.
 
-    method: minmax | entropy | percentile | mse. bins: histogram bins for the
+    method: minmax | entropy | percentile | mse | auto. bins: histogram bins for the
     histogram methods. percentile: kept mass in percent. symmetric: a range
     symmetric around zero. moving_average: minmax only, average per-batch
     extremes with ``averaging_constant`` instead of keeping the global ones.
+    auto: per activation, the range of minmax, percentile, mse or entropy that
+    gives the least error at the model's outputs, measured on the first
+    ``auto_samples`` samples (see qtool.calib.auto).
     """
 
     method: str = "minmax"
@@ -47,9 +50,11 @@ class CalibrateOptions:
     symmetric: bool = False
     moving_average: bool = False
     averaging_constant: float = 0.01
+    auto_samples: int = 16
 
     def __post_init__(self):
         _choice("calibrate.method", self.method, CALIBRATION_METHODS)
+        _positive("calibrate.auto_samples", self.auto_samples)
         _positive("calibrate.batch_size", self.batch_size)
         if self.limit is not None:
             _positive("calibrate.limit", self.limit)
@@ -100,6 +105,10 @@ class QuantizeOptions:
     algorithms: weight-changing passes run on the fp32 model before planning
     and calibration ("cle": cross-layer equalisation); a table or plan made
     with other algorithms is refused.
+    dynamic: MatMul/Gemm nodes (names or op types) quantized dynamically inside
+    the static model (activations quantized at run time); ``("auto",)``: those
+    whose output error measured on the calibration data is lower that way (see
+    qtool.mixed).
     """
 
     format: str = "qdq"
@@ -120,6 +129,7 @@ class QuantizeOptions:
     keep_fp32: tuple[str, ...] = ()
     keep_io_types: bool = True
     algorithms: tuple[str, ...] = ()
+    dynamic: tuple[str, ...] = ()
 
     def __post_init__(self):
         _choice("quantize.format", self.format, FORMATS)
@@ -140,6 +150,10 @@ class QuantizeOptions:
         if self.target == "trt" and self.format == "qoperator":
             raise ConfigError("--target trt: TensorRT builds its int8 engine from Q/DQ pairs and reads no "
                               "QOperator kernels (QLinearConv, ...); use --format qdq")
+        object.__setattr__(self, "dynamic", tuple(self.dynamic))
+        if self.dynamic and (self.mode != "static" or self.format != "qdq" or self.target != "cpu"):
+            raise ConfigError("--dynamic (MatMul/Gemm quantized at run time inside a static model) is for static "
+                              "QDQ models on the CPU EP: drop --mode dynamic / --format qoperator / --target")
         if self.target == "trt" and self.mode == "dynamic":
             raise ConfigError("--target trt: TensorRT has no dynamic quantization; quantize in static mode "
                               "(--table or --data)")

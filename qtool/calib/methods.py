@@ -11,7 +11,7 @@ from .table import TensorStats
 def finish(observer, options: CalibrateOptions) -> TensorStats:
     stats = observer.stats()
     hist = stats.get("histogram")
-    if options.method == "minmax" or hist is None:
+    if options.method in ("minmax", "auto") or hist is None:  # auto: minmax until measured (auto.choose)
         lo, hi = stats["min"], stats["max"]
         if options.symmetric:
             m = max(abs(lo), abs(hi))
@@ -49,7 +49,13 @@ def _range_of(h, method: str, params: dict) -> tuple[float, float]:
 def derive_range(stats: TensorStats, method: str, params: dict, bits: int = 8) -> tuple[float, float]:
     """The range ``method`` gives for a tensor, from the table alone, for a
     ``bits``-wide grid: mse searches that grid; entropy's 128-bin KL search models
-    an 8-bit grid only, so wider grids take min/max; percentile does not depend on it."""
+    an 8-bit grid only, so wider grids take min/max; percentile does not depend on it.
+    auto: the method measured best for this tensor (recorded by ``--method auto``)."""
+    if method == "auto":
+        if stats.auto is None:
+            raise TableError("--method auto chooses each range by measuring the model's outputs, which a table "
+                             "alone cannot do; calibrate with --method auto (or quantize --data ... --method auto)")
+        method = stats.auto["method"]
     if method == "minmax" or (method == "entropy" and bits > 8):
         return stats.min, stats.max
     if stats.histogram is None:

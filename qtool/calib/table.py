@@ -43,11 +43,13 @@ class TensorStats:
     notes: tuple[str, ...] = ()
     histogram: dict | None = None
     channels: dict | None = None  # per input channel: {"axis", "min", "max", "mean"} (channels.py)
+    auto: dict | None = None  # --method auto: {"method": chosen, "output_snr_db": {candidate: dB}} (auto.py)
 
     def to_dict(self) -> dict:
         return {"min": self.min, "max": self.max, "count": self.count, "range": list(self.range),
                 "notes": list(self.notes), "histogram": self.histogram} \
-            | ({"channels": self.channels} if self.channels is not None else {})
+            | ({"channels": self.channels} if self.channels is not None else {}) \
+            | ({"auto": self.auto} if self.auto is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorStats":
@@ -75,7 +77,11 @@ class TensorStats:
         if channels is not None:
             from .channels import check_channels
             channels = check_channels(channels)
-        return cls(mn, mx, count, (lo, hi), tuple(str(n) for n in notes), hist, channels)
+        auto = d.get("auto")
+        if auto is not None:
+            from .auto import Choice
+            auto = Choice.from_dict(auto).to_dict()
+        return cls(mn, mx, count, (lo, hi), tuple(str(n) for n in notes), hist, channels, auto)
 
 
 def _finite(value, what: str) -> float:
