@@ -208,7 +208,7 @@ def test_exported_encoder_float_output_unchanged(tmp_path):
 def test_table_rebuilds_the_model_and_int8_improves(files, tmp_path):
     table = CalibrationTable.load(files["table"])
     groups = table.smoothquant["groups"]
-    assert groups and all(g["gain_db"] > 0 and 0.3 <= g["alpha"] <= 0.8 for g in groups.values())
+    assert groups and all(g["gain_db"] > 0 and 0.3 <= g["alpha"] <= 0.9 for g in groups.values())
     ref = run(onnx.load(files["model"]), {"x": files["x"]})
     r_table = qtool.quantize(files["model"], tmp_path / "t.onnx", table=files["table"], options=files["opts"])
     r_data = qtool.quantize(files["model"], tmp_path / "d.onnx", data=files["calib"], options=files["opts"])

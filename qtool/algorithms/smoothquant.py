@@ -45,7 +45,7 @@ from ..graph import GraphView
 from ..qparams import PerAxis, choose_qparams, dequantize, quantize, reduced_bounds, weight_qparams
 from ..types import Precision
 
-GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROWS = 1024  # rows of X sampled per candidate for the measured choice of a
 _EPS = 1e-8
 
