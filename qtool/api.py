@@ -359,6 +359,7 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
     if options.mode == "dynamic" and (table is not None or data is not None):
         raise QtoolError("--mode dynamic quantizes activations at run time and uses no calibration: "
                          "drop --table/--data, or quantize in static mode")
+    _check_weight_algorithms(options, data)
     p, table = _prepare_for(model, options, table, data, calibrate_options)
     if options.recipe != "int8":
         return _float_recipe_plan(p, table, data, options, calibrate_options), p, None
@@ -377,11 +378,36 @@ def _plan_for(model, table, data, options: QuantizeOptions, calibrate_options: C
         table = _calibrate_prepared(p, data, calibrate_options, options, on_batch, facts=facts)
     table = _load_table(table, p, options)
     the_plan = _resolved_plan(p, options, table, method, facts)
+    if options.dynamic:  # before the weight algorithms: a dynamic node's weight is laid out anew
+        from dataclasses import replace
+        from .mixed import choose
+        the_plan = choose(the_plan, p.model, options.dynamic, lambda nodes: _resolved_plan(
+            p, options, table, method, (replace(facts[0], dynamic=nodes), facts[1])), data is not None and (
+            lambda: open_data(data, p.model).batches(_batch_size(p.model, calibrate_options.batch_size))) or None)
+    if data is not None:
+        from .algorithms.weights import apply as weight_algorithms
+        the_plan = weight_algorithms(the_plan, p.model, open_data(data, p.model),
+                                     _batch_size(p.model, calibrate_options.batch_size), calibrate_options.limit,
+                                     options.algorithms)
     if not the_plan.all_quantized_nodes() and not any(n.precision is Precision.FP16 for n in the_plan.all_nodes()):
         reasons = dict.fromkeys(f"{n.op_type}: {n.reason}" for n in the_plan.all_nodes())
         raise QtoolError("nothing to quantize, every node stays float (" + "; ".join(list(reasons)[:3])
                          + ("; ..." if len(reasons) > 3 else "") + ")")
     return the_plan, p, table
+
+
+def _check_weight_algorithms(options: QuantizeOptions, data) -> None:
+    """The weight algorithms (rounding, bias_correction) treat static int8 plans, on calibration data."""
+    from .algorithms import weight_algorithms
+    names = weight_algorithms(options.algorithms)
+    if not names:
+        return
+    if options.recipe != "int8" or options.mode != "static":
+        raise QtoolError(f"--algorithms {','.join(names)} treat static int8 weights, not --mode {options.mode} / "
+                         f"--weights {options.recipe}")
+    if data is None:
+        from .algorithms.weights import needs_data_error
+        raise needs_data_error(names)
 
 
 def _float_recipe_plan(p: Prepared, table, data, options: QuantizeOptions,
@@ -421,8 +447,9 @@ class _FloatOnly:
 
 def _rewriter(the_plan: Plan):
     from .rewrite import dynamic, qdq, qoperator
-    if the_plan.mode == "dynamic":
-        return dynamic
+    from .resolve import runs_dynamic
+    if the_plan.mode == "dynamic" or any(runs_dynamic(n, the_plan) for n in the_plan.nodes):
+        return dynamic  # a static plan with --dynamic nodes: the QDQ rewrite, then the dynamic kernels
     if the_plan.mode == "weight-only":
         from .rewrite import nbits
         return nbits

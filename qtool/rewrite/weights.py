@@ -18,15 +18,28 @@ def params(t: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_weight(w: np.ndarray, t: TensorPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q, scale, zero point) of a weight with the plan's own scale and zero point."""
+    """(q, scale, zero point) of a weight with the plan's own scale and zero point; the plan's
+    ``codes`` where it has them (chosen by ``--algorithms rounding``)."""
     scale, zp = params(t)
+    if t.codes is not None:
+        return plan_codes(t, w.shape), scale, zp
     return quantize(w, scale, zp, t.precision, axis=t.axis if np.ndim(scale) else None), scale, zp
 
 
 def quantize_bias(b: np.ndarray, t: TensorPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(int32 q, scale, zero point) of a bias with the plan's derived scale."""
+    """(int32 q, scale, zero point) of a bias with the plan's derived scale; the plan's ``codes``
+    where it has them (a bias corrected by ``--algorithms bias_correction``)."""
     scale, zp = params(t)
+    if t.codes is not None:
+        return plan_codes(t, np.shape(b)), scale, zp
     return quantize_int32(b, scale), scale, zp
+
+
+def plan_codes(t: TensorPlan, shape) -> np.ndarray:
+    """A tensor's integer values as the plan stores them (base64 of little-endian values in the
+    stored layout; plan_check has checked their length and range)."""
+    from ..algorithms.layers import decode
+    return decode(t.codes, t.precision.dtype, tuple(shape))
 
 
 def initializer(array, name: str):
