@@ -244,8 +244,13 @@ def _merge(paths, model, output):
 @click.option("--keep-io-types", type=bool, default=None, metavar="true|false",
               help="fp16: keep the model's inputs and outputs fp32 (default true).")
 @click.option("--algorithms", default=None, metavar="LIST",
-              help="Comma-separated weight-changing passes run on the fp32 model before calibration: cle "
-                   "(cross-layer equalisation of Conv->Relu->Conv chains); none (default).")
+              help="Comma-separated accuracy algorithms: cle (cross-layer equalisation of Conv->Relu->Conv chains, "
+                   "on the fp32 model before calibration); rounding (GPTQ weight codes) and bias_correction (the "
+                   "mean shift of quantized weights taken off the bias), on the resolved plan, need --data; none "
+                   "(default).")
+@click.option("--dynamic", "dynamic", default=None, metavar="auto|LIST",
+              help="Static int8 with some MatMul/Gemm quantized at run time (DynamicQuantizeMatMul): auto (those "
+                   "whose output error on the --data is lower that way, by >= 1 dB) or node names / op types.")
 @click.option("--eval-data", type=click.Path(),
               help="Search: evaluate candidates on this data against fp32 and fall back the most sensitive nodes "
                    "until the gates hold (exit 1, nothing written, if they cannot).")
@@ -266,7 +271,7 @@ def _merge(paths, model, output):
 @handle_errors
 def quantize(model, output, table, data, method, mode, fmt, external_data, per_channel, activation_type, weight_type,
              precision, exclude, plan_path, preprocess, explain, save_plan, preset, target, weights, block_size,
-             int4_method, int4_symmetric, keep_fp32, keep_io_types, algorithms, eval_data, labels, max_drop,
+             int4_method, int4_symmetric, keep_fp32, keep_io_types, algorithms, dynamic, eval_data, labels, max_drop,
              min_agreement, min_cosine, min_snr, min_speedup, task, max_task_drop, fallback, best_effort, speed,
              threads, max_evals, trail_path):
     """Quantize for a target: int8 (static QDQ or QOperator, or dynamic), int4 weights, fp16; or apply a saved plan."""
@@ -283,7 +288,7 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                         ("--preprocess", preprocess), ("--target", target), ("--weights", weights),
                         ("--block-size", block_size), ("--int4-method", int4_method),
                         ("--int4-symmetric", int4_symmetric), ("--keep-fp32", keep_fp32),
-                        ("--keep-io-types", keep_io_types), ("--algorithms", algorithms)))
+                        ("--keep-io-types", keep_io_types), ("--algorithms", algorithms), ("--dynamic", dynamic)))
         if given:
             raise QtoolError(f"--plan carries every decision; {given[0]} cannot be combined with it")
     check_output_path(output, model, table, data, plan_path)
@@ -297,7 +302,8 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                      target=target, weights=weights, block_size=int(block_size) if block_size else None,
                      int4_method=int4_method, int4_symmetric=int4_symmetric,
                      keep_fp32=tuple(cfg.quantize.keep_fp32) + tuple(keep_fp32) if keep_fp32 else None,
-                     keep_io_types=keep_io_types, algorithms=_algorithms(algorithms))
+                     keep_io_types=keep_io_types, algorithms=_algorithms(algorithms),
+                     dynamic=tuple(k.strip() for k in dynamic.split(",") if k.strip()) if dynamic else None)
     _check_recipe_flags(qopts, per_channel, block_size, int4_method, int4_symmetric, keep_fp32, keep_io_types,
                         activation_type, weight_type, method)
     copts = override(cfg.calibrate, method=method)
