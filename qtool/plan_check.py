@@ -19,7 +19,7 @@ from .graph import GraphView
 from .plans import Action, NodePlan, Plan, Role, TensorPlan
 from .prepare import Prepared
 from .qparams import bias_scale
-from .resolve import QDQ_16BIT_OPSET, int8_output, kernels_for, as_array, share_root
+from .resolve import QDQ_16BIT_OPSET, int8_output, kernels_for, as_array, runs_dynamic, share_root
 from .rules.dynamic import KERNEL as DYNAMIC_KERNEL, SHARED_KERNEL
 from .rules.movement import TABLE_KERNEL, row_block
 from .types import MS_DOMAIN, PerAxis, PerBlock, PerTensor, Precision
@@ -123,8 +123,11 @@ def _check_node(n: NodePlan, plan: Plan, view: GraphView) -> None:
         if n.kernel or n.bias or n.fused_into or n.inputs:
             _fail(what, "is float, so it can have no kernel, bias, fused_into or quantized inputs")
         return
-    if n.float_inputs:
-        _fail(what, "is quantized: float_inputs are for float nodes only")
+    dynamic = runs_dynamic(n, plan)
+    if n.float_inputs and not (dynamic and plan.mode == "static"
+                               and n.float_inputs == (view.by_name[n.name].input[0],)):
+        _fail(what, "is quantized: float_inputs are for float nodes only (and for the input a dynamic kernel "
+                    "of a static plan reads unquantized)")
     if n.fused_into:
         host = plan.node(n.fused_into)
         if host is None or not host.quantized or n.kernel:
@@ -135,7 +138,7 @@ def _check_node(n: NodePlan, plan: Plan, view: GraphView) -> None:
     if n.kernel not in allowed:
         _fail(what, f"kernel {n.kernel!r} is not one the {plan.mode} {plan.format} rewriter emits for "
                     f"{n.op_type} (expected one of {', '.join(sorted(allowed))})")
-    if n.kernel in ("QLinearMatMul", "MatMulIntegerToFloat") and plan.mode == "static":
+    if n.kernel in ("QLinearMatMul", "MatMulIntegerToFloat") and plan.mode == "static" and not dynamic:
         int8_out = int8_output(n, plan, plan.tensors, view)
         if int8_out != (n.kernel == "QLinearMatMul"):
             _fail(what, f"kernel {n.kernel} does not match its output, which the plan "
@@ -146,7 +149,7 @@ def _check_node(n: NodePlan, plan: Plan, view: GraphView) -> None:
             _fail(what, "GatherBlockQuantized reads its table quantized per block (and nothing else quantized)")
     elif any(isinstance(plan.tensors[t].granularity, PerBlock) for t in n.inputs if t in plan.tensors):
         _fail(what, "only GatherBlockQuantized reads a tensor quantized per block")
-    if plan.mode == "dynamic" and n.kernel in (DYNAMIC_KERNEL, SHARED_KERNEL):
+    if dynamic:
         _check_dynamic(what, n, plan, view)
     elif n.bias:
         _fail(what, f"folds bias {n.bias!r}: only dynamic kernels fold a bias")
@@ -186,7 +189,7 @@ def _check_tensor(t: TensorPlan, plan: Plan, view: GraphView) -> None:
         _fail(what, f"is a {t.role.value} in the plan but not an initializer of the model")
     allowed = {Role.ACTIVATION: {Action.QUANTIZE, Action.SHARE, Action.SKIP}, Role.WEIGHT: {Action.QUANTIZE, Action.SKIP},
                Role.BIAS: {Action.DERIVE, Action.SKIP}}[t.role]
-    if plan.mode == "dynamic" and t.role is Role.ACTIVATION:
+    if t.role is Role.ACTIVATION and (plan.mode == "dynamic" or plan.mode == "static" and plan.format == "qdq"):
         allowed = allowed | {Action.DYNAMIC}
     if t.action not in allowed:
         _fail(what, f"a {t.role.value} can be {', '.join(sorted(a.value for a in allowed))} "
@@ -235,14 +238,14 @@ def _check_values(what: str, t: TensorPlan, scale: np.ndarray, zp: np.ndarray, v
         if scale.ndim:
             _fail(what, "per-tensor granularity needs one scale, not a list")
         return
+    if isinstance(t.granularity, PerBlock) and t.role is Role.WEIGHT:
+        _check_table(what, t, scale, view)
+        return
     if not isinstance(t.granularity, PerAxis) or t.role is Role.ACTIVATION:
         _fail(what, f"granularity {t.granularity} is not supported for a {t.role.value}")
     shape = tuple(view.initializers[t.name].dims)  # the header: no need to decode the weight itself
     if t.role is Role.WEIGHT and t.transpose:
         shape = shape[::-1]
-    if isinstance(t.granularity, PerBlock) and t.role is Role.WEIGHT:
-        _check_table(what, t, scale, view)
-        return
     axis = t.granularity.axis
     if not -len(shape) <= axis < len(shape):
         _fail(what, f"axis {axis} is out of range for shape {list(shape)}")
@@ -250,11 +253,6 @@ def _check_values(what: str, t: TensorPlan, scale: np.ndarray, zp: np.ndarray, v
         _fail(what, f"per-axis {axis} needs {shape[axis]} scales, found {scale.size}")
 
 
-def _check_share(what: str, t: TensorPlan, plan: Plan) -> None:
-    if t.source not in plan.tensors:
-        _fail(what, f"shares the parameters of {t.source!r}, which is not in the plan")
-    root = share_root(plan.tensors, t.name)
-    if root.action is Action.SHARE or not root.has_params:
 def _check_table(what: str, t: TensorPlan, scale: np.ndarray, view: GraphView) -> None:
     """Per-block parameters exist only for an embedding table read by GatherBlockQuantized:
     uint8, blocks of a power of two (at least 16) along its rows, one scale per block."""
@@ -270,6 +268,11 @@ def _check_table(what: str, t: TensorPlan, scale: np.ndarray, view: GraphView) -
                     f"found {scale.size}")
 
 
+def _check_share(what: str, t: TensorPlan, plan: Plan) -> None:
+    if t.source not in plan.tensors:
+        _fail(what, f"shares the parameters of {t.source!r}, which is not in the plan")
+    root = share_root(plan.tensors, t.name)
+    if root.action is Action.SHARE or not root.has_params:
         _fail(what, f"shares parameters in a cycle or with an unquantized tensor ({root.name!r})")
     if root.granularity != PerTensor() or (t.scale, t.zero_point, t.precision) != (root.scale, root.zero_point,
                                                                                    root.precision):

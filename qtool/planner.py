@@ -273,7 +273,7 @@ class _Assembly:
             if dynamic:
                 return Skip("dynamic mode quantizes MatMul/Gemm weights and embedding tables only")
             return Skip(f"no int8 kernel for {node.op_type} on {facts.target.ep}; stays float")
-        decision = rule(node, ctx)
+        decision = self._dynamic_here(node) or rule(node, ctx)
         if isinstance(decision, NodeRule):
             for index, spec in decision.inputs.items():
                 tensor = node.input[index]
@@ -283,6 +283,21 @@ class _Assembly:
             if mixed and ctx.options.format == "qoperator":
                 return Skip(f"QOperator kernels take one 8-bit type for inputs and output: {mixed}")
         return decision
+
+    def _dynamic_here(self, node) -> NodeRule | None:
+        """In a static plan, a MatMul/Gemm chosen to run dynamically (``Facts.dynamic``), and the bias
+        Add it folds in; None where the dynamic rule refuses it (the static rule decides then)."""
+        ctx = self.ctx
+        if self.facts.options.mode == "dynamic" or not self.facts.dynamic:
+            return None
+        if node.op_type == "Add" and ctx.fused_by(node) in self.facts.dynamic:
+            return dynamic_rules.bias_add(node, ctx)
+        if node.op_type not in ("MatMul", "Gemm") or ctx.node_key(node) not in self.facts.dynamic:
+            return None
+        decision = dynamic_rules.linear(node, ctx)
+        if isinstance(decision, Skip):
+            return None
+        return replace(decision, reason=f"{decision.reason} (dynamic inside the static model)")
 
     def _mixed(self, node, decision: NodeRule) -> str:
         """An 8-bit activation input whose type differs from this node's (int8 vs uint8)."""
@@ -315,8 +330,9 @@ class _Assembly:
             elif isinstance(spec, Act):
                 self._quantize_activation(tensor, f"input of {name}", precision)
             elif isinstance(spec, dynamic_rules.Dynamic):
-                self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.DYNAMIC,
-                                                  f"input of {name}: uint8 per batch", Precision.UINT8)
+                if self.facts.options.mode == "dynamic" or not self._carries_q(tensor):  # else quantized for static readers
+                    self.tensors[tensor] = TensorPlan(tensor, Role.ACTIVATION, Action.DYNAMIC,
+                                                      f"input of {name}: uint8 per batch", Precision.UINT8)
             elif isinstance(spec, Weight):
                 dynamic = any(isinstance(s, dynamic_rules.Dynamic) for s in decision.inputs.values())
                 act = Precision.UINT8 if dynamic else precision  # DynamicQuantizeLinear is uint8
@@ -358,7 +374,7 @@ class _Assembly:
         if tensor in self.optional:
             producer = self.optional.pop(tensor)
             why = f"output of {producer} (quantized because a quantized consumer reads it)"
-        elif tensor in self.tensors and self.tensors[tensor].action is not Action.SKIP:
+        elif tensor in self.tensors and self.tensors[tensor].action not in (Action.SKIP, Action.DYNAMIC):
             t = self._root(tensor)  # a shared tensor widens where its parameters come from
             if t.action is Action.QUANTIZE and t.role is Role.ACTIVATION and precision.bits > t.precision.bits:
                 self.tensors[t.name] = replace(t, precision=precision, reason=f"{t.reason}; {precision.label} "
@@ -428,7 +444,12 @@ class _Assembly:
         return t is not None and t.role is Role.ACTIVATION and t.action in (Action.QUANTIZE, Action.SHARE)
 
     def raw_reads(self, node, decision) -> tuple[str, ...]:
-        """Quantized tensors that float ``node`` must read unquantized."""
+        """Quantized tensors that float ``node`` (or a dynamic kernel in a static plan) must read unquantized."""
+        if isinstance(decision, NodeRule):
+            if self.facts.options.mode == "dynamic":
+                return ()
+            return tuple(node.input[i] for i, spec in decision.inputs.items()
+                         if isinstance(spec, dynamic_rules.Dynamic) and self._carries_q(node.input[i]))
         if not isinstance(decision, Skip):
             return ()
         view = self.facts.view
@@ -516,5 +537,6 @@ class _Assembly:
                     if mixed else "")
             out.append(NodePlan(name, node.op_type, precision, decision.reason + self._wide(node, reads + outs) + note,
                                 decision.kernel,
-                                self.fused.get(name, ""), tuple(dict.fromkeys(reads)), (), decision.bias))
+                                self.fused.get(name, ""), tuple(dict.fromkeys(reads)), self.raw_reads(node, decision),
+                                decision.bias))
         return out

@@ -168,8 +168,8 @@ def kernels_for(op_type: str, mode: str, fmt: str) -> set[str]:
         return {op_type, TABLE_KERNEL}
     if mode == "dynamic":
         return {DYNAMIC_KERNEL, SHARED_KERNEL} if op_type in ("MatMul", "Gemm") else {op_type}
-    if fmt == "qdq":
-        return {op_type}
+    if fmt == "qdq":  # static: a MatMul/Gemm may run dynamically inside it (--dynamic)
+        return {op_type, DYNAMIC_KERNEL, SHARED_KERNEL} if op_type in ("MatMul", "Gemm") else {op_type}
     if op_type == "MatMul":
         return {"QLinearMatMul", "MatMulIntegerToFloat"}
     return {QOPERATOR_KERNELS.get(op_type, op_type)}
@@ -181,18 +181,24 @@ def _kernel(n, plan: Plan, tensors: dict, view: GraphView) -> str:
         return ""
     if n.kernel == TABLE_KERNEL:  # decided by the rule: the table's layout depends on it
         return n.kernel
+    if runs_dynamic(n, plan):
+        node = view.by_name[n.name]
+        readers = sum(1 for m in plan.nodes if m.kernel in (DYNAMIC_KERNEL, SHARED_KERNEL)
+                      and view.by_name[m.name].input[0] == node.input[0])
+        return SHARED_KERNEL if readers > 1 else DYNAMIC_KERNEL
     if plan.mode == "dynamic":
-        if n.kernel == DYNAMIC_KERNEL or n.kernel == SHARED_KERNEL:
-            node = view.by_name[n.name]
-            readers = sum(1 for m in plan.nodes if m.kernel in (DYNAMIC_KERNEL, SHARED_KERNEL)
-                          and view.by_name[m.name].input[0] == node.input[0])
-            return SHARED_KERNEL if readers > 1 else DYNAMIC_KERNEL
         return n.op_type
     if plan.format != "qoperator":
         return n.op_type
     if n.op_type == "MatMul":
         return "QLinearMatMul" if int8_output(n, plan, tensors, view) else "MatMulIntegerToFloat"
     return QOPERATOR_KERNELS.get(n.op_type, n.op_type)
+
+
+def runs_dynamic(n, plan: Plan) -> bool:
+    """A dynamic kernel: in dynamic mode, or ``--dynamic`` in a static QDQ plan (a QOperator plan's
+    MatMulIntegerToFloat is a static kernel reading a QuantizeLinear)."""
+    return n.kernel in (DYNAMIC_KERNEL, SHARED_KERNEL) and (plan.mode == "dynamic" or plan.format == "qdq")
 
 
 def int8_output(n, plan: Plan, tensors: dict, view: GraphView) -> bool:

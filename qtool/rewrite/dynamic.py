@@ -2,8 +2,10 @@
 that onnxruntime contrib op (int8 weights with the plan's scales, the plan's
 float bias folded in); nodes resolved to MatMulIntegerToFloat read an input that
 one DynamicQuantizeLinear quantizes for all of them (a transformer's Q, K and V
-projections). The rest of the plan (8-bit embedding tables) is applied by the
-QDQ rewriter."""
+projections). The rest of the plan (8-bit embedding tables; in a static plan with
+``--dynamic`` nodes, everything else) is applied by the QDQ rewriter first; a dynamic
+kernel reads its input as the float tensor (``float_inputs``) even where the static
+nodes beside it read it through Q/DQ."""
 
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from .names import Names
 from .weights import initializer, quantize_weight
 
 
+KERNELS = (KERNEL, SHARED_KERNEL)
+
+
 def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
-    kernels = {n.name: n for n in plan.nodes if n.kernel in (KERNEL, SHARED_KERNEL)}
+    kernels = {n.name: n for n in plan.nodes if n.kernel in KERNELS}
     source = GraphView(model)
     weights = {source.by_name[k].input[1] for k in kernels}
     rest = plan.with_tensors({k: t for k, t in plan.tensors.items()

@@ -96,7 +96,8 @@ class Facts:
     """What is known about the model before any decision: computed once per
     command, read by every rule, never changed. ``overrides`` maps node names
     to the precision the user asked for; ``kept_float`` maps node names to why
-    they must stay float (user request, or a reader that needs their float output)."""
+    they must stay float (user request, or a reader that needs their float output);
+    ``dynamic`` names the MatMul/Gemm nodes of a static plan quantized at run time."""
 
     view: GraphView
     options: QuantizeOptions
@@ -106,6 +107,7 @@ class Facts:
     overrides: dict[str, Precision] = field(default_factory=dict)
     kept_float: dict[str, str] = field(default_factory=dict)
     target: Target = Target.CPU
+    dynamic: frozenset[str] = frozenset()  # MatMul/Gemm quantized at run time inside a static plan
 
 
 class Context:
