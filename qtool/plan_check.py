@@ -206,6 +206,11 @@ def _check_tensor(t: TensorPlan, plan: Plan, view: GraphView) -> None:
         _check_share(what, t, plan)
     if t.role is Role.BIAS:
         _check_bias(what, t, plan, view)
+    if t.codes is not None and not isinstance(t.granularity, PerBlock):  # int8 weight / int32 bias codes
+        from .algorithms.layers import check_codes
+        why = check_codes(t, view) if t.role is not Role.ACTIVATION else "an activation has no codes"
+        if why:
+            _fail(what, why)
 
 
 def _check_precision(what: str, t: TensorPlan, plan: Plan, view: GraphView) -> None:
