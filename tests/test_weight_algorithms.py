@@ -210,3 +210,19 @@ def test_weight_algorithms_need_data_and_static_int8(tmp_path):
     result = qtool.quantize(SAMPLE / "model.onnx", tmp_path / "q.onnx", table=table, data=SAMPLE / "calib.npz",
                             options=QuantizeOptions(algorithms=("bias_correction",)), calibrate_options=CALIB)
     assert result.plan.applied["bias_correction"]
+
+
+def test_qoperator_writes_the_plans_codes(tmp_path):
+    """The QOperator rewriter writes the corrected int32 biases (QLinearConv's input 8, QGemm's C) from the plan."""
+    from qtool.algorithms.layers import decode
+    r = qtool.quantize(SAMPLE / "model.onnx", tmp_path / "q.onnx", data=SAMPLE / "calib.npz", calibrate_options=CALIB,
+                       options=QuantizeOptions(format="qoperator", algorithms=("bias_correction",)))
+    m = onnx.load(tmp_path / "q.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    bias_input = {"QLinearConv": 8, "QGemm": 6}
+    written = {n.name: inits[n.input[bias_input[n.op_type]]] for n in m.graph.node if n.op_type in bias_input}
+    corrected = r.plan.applied["bias_correction"]
+    assert set(corrected) <= set(written) and corrected
+    for node in corrected:
+        t = r.plan.tensors[next(n for n in onnx.load(SAMPLE / "model.onnx").graph.node if n.name == node).input[2]]
+        assert np.array_equal(written[node], decode(t.codes, np.int32, written[node].shape))
