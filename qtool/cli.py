@@ -155,13 +155,15 @@ def _parse_shapes(values) -> dict:
               help="Kept mass for --method percentile (default 99.999).")
 @click.option("--symmetric/--asymmetric", default=None, help="Range symmetric around zero.")
 @click.option("--moving-average", is_flag=True, default=None, help="minmax: average per-batch extremes.")
+@click.option("--auto-samples", type=click.IntRange(min=1), default=None,
+              help="auto: samples its output-error measurement runs on (default 16; time grows with it).")
 @click.option("--preprocess/--no-preprocess", default=None, help="Must match the later quantize (default on).")
 @click.option("--algorithms", default=None, metavar="LIST", help="Must match the later quantize (default none).")
 @click.option("--merge", "merge", multiple=True, type=click.Path(), help="Merge tables of data shards instead.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset (its [calibrate] table).")
 @handle_errors
 def calibrate(model, data, output, method, batch_size, limit, bins, percentile, symmetric,
-              moving_average, preprocess, algorithms, merge, preset):
+              moving_average, auto_samples, preprocess, algorithms, merge, preset):
     """Collect per-tensor statistics into a reusable calibration table."""
     from . import api
     from .config import override
@@ -173,7 +175,8 @@ def calibrate(model, data, output, method, batch_size, limit, bins, percentile, 
         raise QtoolError("calibrate needs MODEL and --data (or --merge A.json B.json ...)")
     check_output_path(output, model, data)
     opts = override(_preset(preset).calibrate, method=method, batch_size=batch_size, limit=limit, bins=bins,
-                    percentile=percentile, symmetric=symmetric, moving_average=moving_average)
+                    percentile=percentile, symmetric=symmetric, moving_average=moving_average,
+                    auto_samples=auto_samples)
     ds = api.Dataset(data)
     total = ds.num_samples if opts.limit is None else min(opts.limit, ds.num_samples)
     with _progress(total, "calibrate") as bar:

@@ -115,10 +115,10 @@ def test_sample_end_to_end_explain_plan_and_errors(tmp_path):
     model, calib = str(SAMPLE / "model.onnx"), str(SAMPLE / "calib.npz")
     table = tmp_path / "auto.json"
     r = runner.invoke(main, ["calibrate", model, "--data", calib, "--method", "auto", "--limit", "256",
-                             "-o", str(table)])
+                             "--auto-samples", "8", "-o", str(table)])
     assert r.exit_code == 0, r.output
     t = CalibrationTable.load(table)
-    assert any("auto:" in n for n in t.notes)
+    assert any("auto:" in n for n in t.notes) and t.params["auto_samples"] == 8
     plan = tmp_path / "plan.json"
     r = runner.invoke(main, ["quantize", model, "-o", str(tmp_path / "q.onnx"), "--table", str(table),
                              "--explain", "--save-plan", str(plan)])
