@@ -63,6 +63,9 @@ def apply(plan: Plan, model, data, batch_size: int, limit: int | None, names) ->
 
 
 def _summary(name: str, gains: dict, total: int, how: str, seconds: float) -> str:
+    if not total:
+        return (f"{name}: no layer to treat (only a Conv or Gemm with an int32 bias input takes a correction; "
+                "a MatMul's bias is a separate Add)" if name == "bias_correction" else f"{name}: no layer to treat")
     median = f", median {np.median(list(gains.values())):+.2f} dB" if gains else ""
     return f"{name}: {len(gains)} of {total} layers{median} ({how}; {seconds:.0f} s)"
 
