@@ -453,9 +453,21 @@ class _Assembly:
         if not isinstance(decision, Skip):
             return ()
         view = self.facts.view
-        if self.ctx.node_key(node) not in self.raw and not self._reads_float(node):
-            return ()
-        return tuple(dict.fromkeys(t for t in node.input if t and not view.is_initializer(t) and self._carries_q(t)))
+        quantized = [t for t in dict.fromkeys(node.input) if t and not view.is_initializer(t) and self._carries_q(t)]
+        if self.ctx.node_key(node) in self.raw or self._reads_float(node):
+            return tuple(quantized)
+        # a tensor that a float node produced exists in float anyway: a float reader takes it as it is
+        # rather than through the quantized readers' DequantizeLinear (MiniLM's residual Adds read the
+        # LayerNorm outputs the next MatMuls quantize); an integer kernel's output is left alone, since a
+        # float reader of it would stop onnxruntime fusing that kernel (producers_to_keep_float)
+        # (not for TensorRT, which like onnxruntime's quantizer under ModelOpt reads every consumer's Q/DQ)
+        return () if self.trt else tuple(t for t in quantized if self._float_produced(t))
+
+    def _float_produced(self, tensor: str) -> bool:
+        producer = self.facts.view.producer.get(tensor)
+        if producer is None:
+            return True  # a graph input
+        return self.precisions.get(self.facts.view.node_name(producer)) is Precision.FLOAT
 
     def _reads_float(self, node) -> bool:
         """A float node that must read unquantized inputs: for TensorRT every linear op kept float
