@@ -158,7 +158,9 @@ def _parse_shapes(values) -> dict:
 @click.option("--auto-samples", type=click.IntRange(min=1), default=None,
               help="auto: samples its output-error measurement runs on (default 16; time grows with it).")
 @click.option("--preprocess/--no-preprocess", default=None, help="Must match the later quantize (default on).")
-@click.option("--algorithms", default=None, metavar="LIST", help="Must match the later quantize (default none).")
+@click.option("--algorithms", default=None, metavar="LIST",
+              help="cle, smoothquant (they change the model the table describes), auto, or none (default); the "
+                   "later quantize must give the same, or auto.")
 @click.option("--merge", "merge", multiple=True, type=click.Path(), help="Merge tables of data shards instead.")
 @click.option("--config", "preset", type=click.Path(), help="TOML preset (its [calibrate] table).")
 @handle_errors
@@ -247,10 +249,11 @@ def _merge(paths, model, output):
 @click.option("--keep-io-types", type=bool, default=None, metavar="true|false",
               help="fp16: keep the model's inputs and outputs fp32 (default true).")
 @click.option("--algorithms", default=None, metavar="LIST",
-              help="Comma-separated accuracy algorithms: cle (cross-layer equalisation of Conv->Relu->Conv chains, "
-                   "on the fp32 model before calibration); rounding (GPTQ weight codes) and bias_correction (the "
-                   "mean shift of quantized weights taken off the bias), on the resolved plan, need --data; none "
-                   "(default).")
+              help="Comma-separated accuracy algorithms: cle (cross-layer equalisation of Conv->Relu->Conv chains) "
+                   "and smoothquant (activation outliers of MatMul/Gemm inputs moved into the weights), on the fp32 "
+                   "model before calibration; rounding (GPTQ weight codes) and bias_correction (the mean shift of "
+                   "quantized weights taken off the bias), on the resolved plan, need --data; auto (those that apply, "
+                   "each kept only where it measured a gain: see the plan's 'applied'); none (default).")
 @click.option("--dynamic", "dynamic", default=None, metavar="auto|LIST",
               help="Static int8 with some MatMul/Gemm quantized at run time (DynamicQuantizeMatMul): auto (those "
                    "whose output error on the --data is lower that way, by >= 1 dB) or node names / op types.")
@@ -314,6 +317,7 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                  min_speedup=min_speedup, max_task_drop=max_task_drop)
     if eval_data or any(v is not None for v in gates.values()) or task:
         check_output_path(output, model, table, data, plan_path, eval_data, labels)
+        qopts, table = api.with_algorithms(qopts, data, table)
         return _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback,
                        best_effort, speed, threads, max_evals, trail_path, plan_path, explain, save_plan)
     stray = _given((("--labels", labels), ("--fallback", fallback), ("--best-effort", best_effort or None),

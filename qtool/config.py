@@ -102,9 +102,11 @@ class QuantizeOptions:
     int4 runs with fp16 activations. block_size, int4_method (rtn, hqq: data
     free; gptq: needs calibration data; None: gptq when data is given, else rtn) and int4_symmetric shape the int4
     weights. keep_io_types: an fp16 model keeps fp32 inputs and outputs.
-    algorithms: weight-changing passes run on the fp32 model before planning
-    and calibration ("cle": cross-layer equalisation); a table or plan made
-    with other algorithms is refused.
+    algorithms: accuracy algorithms (qtool.algorithms): model ones run on the fp32
+    model before calibration and planning ("cle", "smoothquant"; a table or plan
+    made with others is refused), weight ones on the resolved plan with the
+    calibration data ("rounding", "bias_correction"); ("auto",): those that
+    apply (qtool.algorithms.choose), each kept where it measured a gain.
     dynamic: MatMul/Gemm nodes (names or op types) quantized dynamically inside
     the static model (activations quantized at run time); ``("auto",)``: those
     whose output error measured on the calibration data is lower that way (see
@@ -136,8 +138,10 @@ class QuantizeOptions:
         from .algorithms import KNOWN
         object.__setattr__(self, "algorithms", tuple(self.algorithms))
         for name in self.algorithms:
-            if name not in KNOWN:
-                raise ConfigError(f"quantize.algorithms: unknown {name!r} (known: {', '.join(KNOWN)}, or none)")
+            if name not in KNOWN + ("auto",):
+                raise ConfigError(f"quantize.algorithms: unknown {name!r} (known: {', '.join(KNOWN)}, auto, or none)")
+        if "auto" in self.algorithms and len(self.algorithms) > 1:
+            raise ConfigError("quantize.algorithms: auto chooses among all of them: give it alone")
         _choice("quantize.target", self.target, TARGETS)
         if self.weights is not None:
             _choice("quantize.weights", self.weights, WEIGHT_RECIPES)

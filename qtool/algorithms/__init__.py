@@ -1,4 +1,4 @@
-"""Accuracy algorithms (opt-in, ``--algorithms``).
+"""Accuracy algorithms (opt-in, ``--algorithms``; ``auto`` picks those that apply).
 
 MODEL algorithms change the fp32 model before calibration and planning (a table records them);
 WEIGHT algorithms run after resolve on the resolved plan and change only what the rewriter writes
@@ -18,3 +18,27 @@ def weight_algorithms(names) -> tuple[str, ...]:
     """The weight ones among ``names``, in the order they run: rounding first (bias correction
     measures the shift of the weights as they will be written)."""
     return tuple(n for n in WEIGHT if n in names)
+
+
+AUTO = "auto"
+
+
+def choose(options, *, data: bool, table_algorithms: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """``--algorithms auto``: the algorithms that apply to this recipe, each of which then keeps its
+    change only where it measured a gain (SmoothQuant per group of layers, rounding and bias
+    correction per layer: ``Plan.applied``). Other lists are returned as given.
+
+    Model algorithms: a table's own (``table_algorithms``: a table fixes the model it describes);
+    otherwise smoothquant for static int8, and cle only with per-tensor weights (with per-channel
+    weights it measured as noise on EfficientNet-Lite0 and it has no per-chain measure of its own).
+    Weight algorithms (rounding, bias_correction) need the calibration data (``data``)."""
+    names = tuple(options.algorithms)
+    if AUTO not in names:
+        return names
+    static_int8 = options.mode == "static" and options.recipe == "int8"
+    if table_algorithms is not None:
+        chosen = tuple(table_algorithms)
+    else:
+        chosen = (("cle",) if static_int8 and not options.per_channel else ()) + (("smoothquant",) if static_int8
+                                                                                  else ())
+    return chosen + (WEIGHT if static_int8 and data else ())
