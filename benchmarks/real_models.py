@@ -645,6 +645,10 @@ def main() -> None:
           "uint8 activations, weight_type auto: int8, or on CPUs without VNNI uint8 Conv and 7-bit int8 MatMul/Gemm weights) and CalibrateOptions (minmax, batch 32);")
     print("          percentile: calibrate_options=CalibrateOptions(method='percentile') (99.999);")
     print("          QOperator: QuantizeOptions(format='qoperator'); dynamic: QuantizeOptions(mode='dynamic'), no data")
+    if args.rows == "algorithms":
+        print("          + name: QuantizeOptions(algorithms=(name,)) with the same data (the weight algorithms "
+              "measure each layer on it); --method auto: CalibrateOptions(method='auto'); --algorithms auto: "
+              "QuantizeOptions(algorithms=('auto',)); no float fallback in any qtool row")
     print("  ORT static:  quantize_static(model, out, reader, quant_format=QDQ, per_channel=True, "
           "activation_type=QUInt8 (s8: QInt8), weight_type=QInt8, calibrate_method=MinMax|Percentile|Entropy), "
           "no other extra_options (retried with CalibStridedMinMax=1 where a calibrator fails), no "
