@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
+from .calib.collect import augment
 from .errors import ConfigError, QtoolError
 from .graph import GraphView
 from .plans import Plan
@@ -111,7 +112,7 @@ def measure(model: onnx.ModelProto, static: Plan, dynamic: Plan, nodes: list[str
     view = GraphView(model)
     layers = {k: _Layer(view, view.by_name[k], static, dynamic) for k in nodes}
     inputs = list(dict.fromkeys(layer.x for layer in layers.values()))
-    sess = runtime.session(_exposed(model, inputs), threads=2)
+    sess = runtime.session(augment(model, inputs), threads=2)
     seen = 0
     for feeds in batches:
         if seen >= SAMPLES:
@@ -121,16 +122,6 @@ def measure(model: onnx.ModelProto, static: Plan, dynamic: Plan, nodes: list[str
         for layer in layers.values():
             layer.add(values[layer.x])
     return {k: layer.sqnr() for k, layer in layers.items()}
-
-
-def _exposed(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in tensors:
-        if t not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    return m
 
 
 class _Layer:

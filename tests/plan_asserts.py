@@ -96,3 +96,13 @@ def _assert_kernels(q: onnx.ModelProto, plan: Plan) -> None:
             assert written[f"{n.name}_dynamic"] == n.kernel, n.name
         elif n.name in written:
             assert written[n.name] == n.kernel, (n.name, written[n.name], n.kernel)
+
+
+def optimized_ops(path, tmp_path):
+    """Op counts of the graph onnxruntime's CPU EP optimises ``path`` into (ORT_ENABLE_ALL)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)

@@ -11,18 +11,10 @@ import onnxruntime as ort
 import pytest
 
 import qtool
-from plan_asserts import assert_model_matches_plan
+from plan_asserts import assert_model_matches_plan, optimized_ops
 from qtool.prepare import prepare
 
 DATA = Path(__file__).resolve().parent / "data"
-
-
-def optimized(path, tmp_path):
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
 def run(path, feeds):
@@ -57,7 +49,7 @@ def test_encoder_keeps_layernorm_and_gelu_chains_float(encoder):
 def test_encoder_runs_integer_kernels_and_stays_close(encoder, tmp_path):
     out, _, ids = encoder
     onnx.checker.check_model(onnx.load(out), full_check=True)
-    ops = optimized(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     assert ops["MatMulIntegerToFloat"] == 4, ops
     ref, got = run(DATA / "tiny_encoder.onnx", {"ids": ids}), run(out, {"ids": ids})
     cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
@@ -78,7 +70,7 @@ def test_resnet_preprocess_and_fusion(tmp_path):
     reasons = {n.name: n.reason for n in result.plan.nodes}
     assert "Swish/SiLU" in reasons["/silu/Sigmoid"] and "GELU (Tanh)" in reasons["/gelu/Tanh"]
     assert reasons["/Add"].startswith("int8 Add")
-    ops = optimized(out, tmp_path)
+    ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1, ops
     assert "Conv" not in ops
     x = rng.normal(size=(4, 3, 16, 16)).astype(np.float32)

@@ -4,7 +4,6 @@ chosen by the error measured on the calibration data, recorded in the plan, re-a
 for byte, and run by onnxruntime next to the static integer kernels."""
 
 import json
-from collections import Counter
 
 import numpy as np
 import onnx
@@ -13,7 +12,7 @@ import pytest
 
 import models
 import qtool
-from plan_asserts import assert_model_matches_plan
+from plan_asserts import assert_model_matches_plan, optimized_ops
 from qtool.config import QuantizeOptions
 from qtool.errors import ConfigError, PlanError, QtoolError
 from qtool.mixed import MARGIN_DB
@@ -50,14 +49,6 @@ def mlp(tmp_path_factory):
     return src, calib, _runs(np.random.default_rng(9), [1.0] * 4)
 
 
-def _ops(path, tmp_path):
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-
-
 def _error(path, runs, ref):
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return float(np.mean([np.square(s.run(None, {"x": x})[0] - r).mean() for x, r in zip(runs, ref)]))
@@ -77,7 +68,7 @@ def test_auto_picks_the_node_whose_runs_the_static_range_fits_badly(mlp, tmp_pat
     assert "dB dynamic: static" in plan.node("MatMul(y)").reason
     assert any(n.startswith("dynamic auto: 1 of 2 MatMul/Gemm") for n in plan.notes)
     assert_model_matches_plan(onnx.load(mixed), plan, prepare(src).model)
-    ops = _ops(mixed, tmp_path)
+    ops = optimized_ops(mixed, tmp_path)
     assert ops["DynamicQuantizeMatMul"] == 1 and ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0, ops
     # the model's own error on ordinary runs: the measured choice pays off end to end
     ref = [ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for x in runs]
@@ -120,7 +111,7 @@ def test_named_node_reads_the_float_input_its_static_neighbour_reads_quantized(t
     m = onnx.load(out)
     dyn = next(n for n in m.graph.node if n.op_type == "DynamicQuantizeMatMul")
     assert dyn.input[0] == "x"
-    assert _ops(out, tmp_path)["MatMulIntegerToFloat"] == 1
+    assert optimized_ops(out, tmp_path)["MatMulIntegerToFloat"] == 1
     x = rng.normal(size=(4, 16)).astype(np.float32)
     ref = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"x": x})
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
