@@ -180,8 +180,12 @@ def fallback_options(options: QuantizeOptions, nodes, precision: str, op_types: 
 
 
 def search(model_path, prepared, table, options: QuantizeOptions, method, eval_data, labels, task,
-           sopts: SearchOptions, log: Callable[[str], None] = lambda s: None) -> SearchResult:
-    """Find the plan with the fewest fallback nodes that passes the gates (see the module doc)."""
+           sopts: SearchOptions, log: Callable[[str], None] = lambda s: None,
+           treat: Callable[[Plan], Plan] | None = None) -> SearchResult:
+    """Find the plan with the fewest fallback nodes that passes the gates (see the module doc).
+    ``treat``: what turns a resolved plan into the one written (the weight algorithms), run on the
+    base plan before the ranking and on every candidate."""
+    treat = treat or (lambda plan: plan)
     from . import api
     from .debug import measure, output_sensitivity
     from .inspection import macs_by_node, static_view
@@ -197,22 +201,26 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
     cache: dict[frozenset, Step] = {}  # by every node's precision, and by what was asked
     op_types = {node_name(n): n.op_type for n in prepared.model.graph.node}
 
-    def build(nodes, extra=()) -> tuple[Plan, onnx.ModelProto]:
+    def resolved(nodes, extra=()) -> Plan:
         opts = replace(options, precision=tuple(options.precision) + tuple(extra))
-        plan = api._resolved_plan(prepared, fallback_options(opts, nodes, sopts.fallback, op_types), table, method)
+        return api._resolved_plan(prepared, fallback_options(opts, nodes, sopts.fallback, op_types), table, method)
+
+    def build(nodes, extra=()) -> tuple[Plan, onnx.ModelProto]:
+        plan = treat(resolved(nodes, extra))
         return plan, _candidate(api, plan, prepared)
 
     def evaluate(nodes, what, extra=()) -> Step:
         asked = (frozenset(nodes), tuple(extra))
         if asked in cache:
             return cache[asked]
-        plan, m = build(nodes, extra)
+        plan = resolved(nodes, extra)
         # what the planner made of it (it may keep neighbours float): every node's precision
         actual = frozenset((n.name, n.precision.label) for n in plan.nodes)
         if actual in cache:
             cache[asked] = cache[actual]
             return cache[actual]
-        report, sess = ref.judge(m, gates)
+        plan = treat(plan)
+        report, sess = ref.judge(_candidate(api, plan, prepared), gates)
         share = sum(macs.get(n.name, 0) for n in plan.nodes if n.precision.bits == 8) / total_macs
         moved = {n.name for n in plan.nodes if n.precision.bits != 8} & ranked
         speed = ref.speed(sess, sopts.timing_pairs) if sopts.speed else None
@@ -223,7 +231,7 @@ def search(model_path, prepared, table, options: QuantizeOptions, method, eval_d
         log(step.line())
         return step
 
-    base_plan = api._resolved_plan(prepared, options, table, method)
+    base_plan = treat(api._resolved_plan(prepared, options, table, method))
     qdq = _candidate(api, replace(base_plan, format="qdq"), prepared, restore=False)
     limit = sopts.sensitivity_samples
     sample = lambda: eval_data.batches(min(batch_size, 16), limit)  # noqa: E731
@@ -477,14 +485,29 @@ def quantize_search(model, output, table, data, options: QuantizeOptions, calibr
     model_io.check_output_path(output, model)
     if table is None and data is None:
         raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
+    api._check_weight_algorithms(options, data)
     p, table = api._prepare_for(model, options, table, data, calibrate_options)
     ds = api.open_data(eval_data, p.model)
     if table is None:
         table = api._calibrate_prepared(p, data, calibrate_options, options, on_batch,
                                         facts=analyse(p.model, options))
     table = api._load_table(table, p, options)
-    result = search(model, p, table, options, method, ds, labels, task, sopts, log)
+    result = search(model, p, table, options, method, ds, labels, task, sopts, log,
+                    _weight_algorithms(api, p, data, options, calibrate_options))
     if not result.passed and not sopts.best_effort:
         return None, result
     written = api.quantize(model, output, options=options, plan=result.plan)
     return written, result
+
+
+def _weight_algorithms(api, p, data, options: QuantizeOptions, calibrate_options) -> Callable[[Plan], Plan] | None:
+    """The weight algorithms asked for, as the search's ``treat``: one fp32 pass over the calibration
+    data gives every layer's input statistics, and a layer quantized as in an earlier candidate
+    takes that candidate's codes (:class:`qtool.algorithms.weights.Reuse`)."""
+    from .algorithms import weight_algorithms
+    if not weight_algorithms(options.algorithms) or data is None:
+        return None
+    from .algorithms.weights import Reuse, apply
+    ds, reuse = api.open_data(data, p.model), Reuse()
+    size = api._batch_size(p.model, calibrate_options.batch_size)
+    return lambda plan: apply(plan, p.model, ds, size, calibrate_options.limit, options.algorithms, reuse)

@@ -9,7 +9,7 @@ note each, and ``quantize --plan`` writes the same codes again without data.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -18,16 +18,33 @@ from ..graph import GraphView
 from ..plans import Plan
 from ..resolve import stored_weight
 from . import weight_algorithms
-from .layers import encode, find_layers, input_stats, weight_codes
+from .layers import InputStats, encode, find_layers, grid, input_stats, weight_codes
+
+
+@dataclass
+class Reuse:
+    """What the weight algorithms may carry from one plan of a prepared model and its calibration
+    data to the next (the accuracy search treats every candidate plan): each layer's fp32 input
+    statistics, which do not depend on the plan, and each layer's result per quantization of its
+    weight (and bias), which a candidate mostly shares with the base plan. ``passes`` counts the
+    fp32 passes over the data."""
+
+    stats: dict[str, InputStats] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)   # layers the data never reached
+    samples: int = 0
+    passes: int = 0
+    results: dict[tuple, tuple[str | None, float]] = field(default_factory=dict)  # key -> (codes, gain)
+
 
 def needs_data_error(names) -> QtoolError:
     return QtoolError(f"--algorithms {','.join(names)} measure each layer on calibration data: give --data "
                       "(a --table holds activation ranges only, not the layers' inputs)")
 
 
-def apply(plan: Plan, model, data, batch_size: int, limit: int | None, names) -> Plan:
+def apply(plan: Plan, model, data, batch_size: int, limit: int | None, names, reuse: Reuse | None = None) -> Plan:
     """Run the weight algorithms among ``names`` on a resolved static ``plan`` of ``model``
-    (the prepared fp32 model) with calibration ``data`` (a Dataset)."""
+    (the prepared fp32 model) with calibration ``data`` (a Dataset). ``reuse``: statistics and
+    results kept from earlier calls on the same model and data (filled in here)."""
     names = weight_algorithms(names)
     if not names:
         return plan
@@ -41,16 +58,17 @@ def apply(plan: Plan, model, data, batch_size: int, limit: int | None, names) ->
         return replace(plan, notes=plan.notes + tuple(f"{n}: no quantized Conv/Gemm/MatMul weight to treat"
                                                       for n in names))
     start = time.perf_counter()
-    stats, samples = input_stats(model, layers, data, batch_size, limit)
+    reuse = reuse if reuse is not None else Reuse()
+    stats, samples = _stats(model, layers, data, batch_size, limit, reuse)
     layers = [l for l in layers if l.node in stats]
     seconds = time.perf_counter() - start
     for name in names:
         start = time.perf_counter()
         if name == "rounding":
-            plan, gains, total = _rounding(plan, view, layers, stats)
+            plan, gains, total = _rounding(plan, view, layers, stats, reuse.results)
             how = f"GPTQ on each layer's fp32 input Hessian from {samples} samples"
         else:
-            plan, gains, total = _bias_correction(plan, view, layers, stats)
+            plan, gains, total = _bias_correction(plan, view, layers, stats, reuse.results)
             how = f"fast form, the mean input rows of {samples} samples"
         took = seconds + time.perf_counter() - start
         seconds = 0.0
@@ -62,6 +80,23 @@ def apply(plan: Plan, model, data, batch_size: int, limit: int | None, names) ->
     return plan
 
 
+def _stats(model, layers, data, batch_size: int, limit: int | None, reuse: Reuse
+           ) -> tuple[dict[str, InputStats], int]:
+    """The layers' input statistics: those ``reuse`` holds, one fp32 pass for the others."""
+    missing = [l for l in layers if l.node not in reuse.stats and l.node not in reuse.absent]
+    if missing:
+        found, reuse.samples = input_stats(model, missing, data, batch_size, limit)
+        reuse.passes += 1
+        reuse.stats.update(found)
+        reuse.absent.update(l.node for l in missing if l.node not in found)
+    return {l.node: reuse.stats[l.node] for l in layers if l.node in reuse.stats}, reuse.samples
+
+
+def _params(t) -> tuple:
+    """What a layer's result depends on in the plan besides its weight: the tensor's quantization."""
+    return (t.precision.label, t.scale, t.zero_point, grid(t), t.codes)
+
+
 def _summary(name: str, gains: dict, total: int, how: str, seconds: float) -> str:
     if not total:
         return (f"{name}: no layer to treat (only a Conv or Gemm with an int32 bias input takes a correction; "
@@ -70,33 +105,46 @@ def _summary(name: str, gains: dict, total: int, how: str, seconds: float) -> st
     return f"{name}: {len(gains)} of {total} layers{median} ({how}; {seconds:.0f} s)"
 
 
-def _rounding(plan: Plan, view: GraphView, layers, stats) -> tuple[Plan, dict, int]:
+def _rounding(plan: Plan, view: GraphView, layers, stats, results: dict) -> tuple[Plan, dict, int]:
     from .rounding import round_layer
     tensors, gains = dict(plan.tensors), {}
     for l in layers:
         t = tensors[l.weight]
-        codes, gain = round_layer(l, t, stored_weight(t, view), weight_codes(t, view), stats[l.node])
+        key = ("rounding", l.node, _params(t))
+        if key not in results:
+            codes, gain = round_layer(l, t, stored_weight(t, view), weight_codes(t, view), stats[l.node])
+            results[key] = (encode(codes) if codes is not None else None, gain)
+        codes, gain = results[key]
         if codes is not None:
-            tensors[l.weight] = replace(t, codes=encode(codes))
+            tensors[l.weight] = replace(t, codes=codes)
             gains[l.node] = round(gain, 3)
     return plan.with_tensors(tensors), gains, len(layers)
 
 
-def _bias_correction(plan: Plan, view: GraphView, layers, stats) -> tuple[Plan, dict, int]:
-    from . import bias_correction as bc
+def _bias_correction(plan: Plan, view: GraphView, layers, stats, results: dict) -> tuple[Plan, dict, int]:
     layers = [l for l in layers if l.bias is not None and _plain(view, l)]
     tensors, gains = dict(plan.tensors), {}
     for l in layers:
-        t_w = tensors[l.weight]
-        shift, ehe, es = bc.fast_shift(l, t_w, stored_weight(t_w, view), weight_codes(t_w, view), stats[l.node])
-        b = view.array(l.bias).astype(np.float64).reshape(-1)
-        codes, new = bc.corrected(tensors[l.bias], view, shift)
-        before = bc.written_bias(tensors[l.bias], view).reshape(-1) - b
-        gain = bc.fast_gain(ehe, es, stats[l.node].n, (before, new.reshape(-1) - b))
-        if gain > 0:
-            tensors[l.bias] = replace(tensors[l.bias], codes=encode(codes))
+        key = ("bias_correction", l.node, _params(tensors[l.weight]), _params(tensors[l.bias]))
+        if key not in results:
+            results[key] = _correct(l, view, tensors, stats[l.node])
+        codes, gain = results[key]
+        if codes is not None:
+            tensors[l.bias] = replace(tensors[l.bias], codes=codes)
             gains[l.node] = round(gain, 3)
     return plan.with_tensors(tensors), gains, len(layers)
+
+
+def _correct(l, view: GraphView, tensors, stats: InputStats) -> tuple[str | None, float]:
+    """One layer's corrected int32 bias codes (None where the correction gains nothing) and the gain in dB."""
+    from . import bias_correction as bc
+    t_w = tensors[l.weight]
+    shift, ehe, es = bc.fast_shift(l, t_w, stored_weight(t_w, view), weight_codes(t_w, view), stats)
+    b = view.array(l.bias).astype(np.float64).reshape(-1)
+    codes, new = bc.corrected(tensors[l.bias], view, shift)
+    before = bc.written_bias(tensors[l.bias], view).reshape(-1) - b
+    gain = bc.fast_gain(ehe, es, stats.n, (before, new.reshape(-1) - b))
+    return (encode(codes) if gain > 0 else None), gain
 
 
 def _plain(view: GraphView, l) -> bool:
