@@ -188,7 +188,10 @@ class Runner:
     def run(self, spec: dict, label: str) -> dict:
         spec = dict(spec, as_limit=self.as_limit)
         log = self.logdir / (label.replace(" ", "_").replace("/", "_") + ".log")
-        sp = spawn(__file__, spec, env=self.env, cwd=ROOT, rss_limit=self.rss_limit, timeout=self.timeout,
+        env = self.env
+        if spec.get("tool") == "qtool":  # qtool picks its own BLAS threads (one: see qtool/__init__.py)
+            env = {k: v for k, v in env.items() if k != "OPENBLAS_NUM_THREADS"}
+        sp = spawn(__file__, spec, env=env, cwd=ROOT, rss_limit=self.rss_limit, timeout=self.timeout,
                    poll=0.1, log=log, new_session=True)
         res, wall = sp.result, sp.wall
         err = sp.stderr.strip().splitlines()
