@@ -26,14 +26,16 @@ class Reuse:
     """What the weight algorithms may carry from one plan of a prepared model and its calibration
     data to the next (the accuracy search treats every candidate plan): each layer's fp32 input
     statistics, which do not depend on the plan, and each layer's result per quantization of its
-    weight (and bias), which a candidate mostly shares with the base plan. ``passes`` counts the
-    fp32 passes over the data."""
+    weight (and bias), which a candidate mostly shares with the base plan, with the seconds each
+    took (a plan's note gives what its results cost, computed now or reused). ``passes`` counts the
+    fp32 passes over the data, ``seconds`` their time."""
 
     stats: dict[str, InputStats] = field(default_factory=dict)
     absent: set[str] = field(default_factory=set)   # layers the data never reached
     samples: int = 0
     passes: int = 0
-    results: dict[tuple, tuple[str | None, float]] = field(default_factory=dict)  # key -> (codes, gain)
+    seconds: float = 0.0
+    results: dict[tuple, tuple[str | None, float, float]] = field(default_factory=dict)  # -> (codes, gain, s)
 
 
 def needs_data_error(names) -> QtoolError:
@@ -57,20 +59,18 @@ def apply(plan: Plan, model, data, batch_size: int, limit: int | None, names, re
     if not layers:
         return replace(plan, notes=plan.notes + tuple(f"{n}: no quantized Conv/Gemm/MatMul weight to treat"
                                                       for n in names))
-    start = time.perf_counter()
     reuse = reuse if reuse is not None else Reuse()
     stats, samples = _stats(model, layers, data, batch_size, limit, reuse)
     layers = [l for l in layers if l.node in stats]
-    seconds = time.perf_counter() - start
+    seconds = reuse.seconds
     for name in names:
-        start = time.perf_counter()
         if name == "rounding":
-            plan, gains, total = _rounding(plan, view, layers, stats, reuse.results)
+            plan, gains, total, took = _rounding(plan, view, layers, stats, reuse.results)
             how = f"GPTQ on each layer's fp32 input Hessian from {samples} samples"
         else:
-            plan, gains, total = _bias_correction(plan, view, layers, stats, reuse.results)
+            plan, gains, total, took = _bias_correction(plan, view, layers, stats, reuse.results)
             how = f"fast form, the mean input rows of {samples} samples"
-        took = seconds + time.perf_counter() - start
+        took += seconds
         seconds = 0.0
         plan = replace(plan, applied=dict(plan.applied, **{name: gains}),
                        notes=plan.notes + (_summary(name, gains, total, how, took),))
@@ -85,8 +85,10 @@ def _stats(model, layers, data, batch_size: int, limit: int | None, reuse: Reuse
     """The layers' input statistics: those ``reuse`` holds, one fp32 pass for the others."""
     missing = [l for l in layers if l.node not in reuse.stats and l.node not in reuse.absent]
     if missing:
+        start = time.perf_counter()
         found, reuse.samples = input_stats(model, missing, data, batch_size, limit)
         reuse.passes += 1
+        reuse.seconds += time.perf_counter() - start
         reuse.stats.update(found)
         reuse.absent.update(l.node for l in missing if l.node not in found)
     return {l.node: reuse.stats[l.node] for l in layers if l.node in reuse.stats}, reuse.samples
@@ -105,34 +107,38 @@ def _summary(name: str, gains: dict, total: int, how: str, seconds: float) -> st
     return f"{name}: {len(gains)} of {total} layers{median} ({how}; {seconds:.0f} s)"
 
 
-def _rounding(plan: Plan, view: GraphView, layers, stats, results: dict) -> tuple[Plan, dict, int]:
+def _rounding(plan: Plan, view: GraphView, layers, stats, results: dict) -> tuple[Plan, dict, int, float]:
     from .rounding import round_layer
-    tensors, gains = dict(plan.tensors), {}
+    tensors, gains, took = dict(plan.tensors), {}, 0.0
     for l in layers:
         t = tensors[l.weight]
         key = ("rounding", l.node, _params(t))
         if key not in results:
+            start = time.perf_counter()
             codes, gain = round_layer(l, t, stored_weight(t, view), weight_codes(t, view), stats[l.node])
-            results[key] = (encode(codes) if codes is not None else None, gain)
-        codes, gain = results[key]
+            results[key] = (encode(codes) if codes is not None else None, gain, time.perf_counter() - start)
+        codes, gain, seconds = results[key]
+        took += seconds
         if codes is not None:
             tensors[l.weight] = replace(t, codes=codes)
             gains[l.node] = round(gain, 3)
-    return plan.with_tensors(tensors), gains, len(layers)
+    return plan.with_tensors(tensors), gains, len(layers), took
 
 
-def _bias_correction(plan: Plan, view: GraphView, layers, stats, results: dict) -> tuple[Plan, dict, int]:
+def _bias_correction(plan: Plan, view: GraphView, layers, stats, results: dict) -> tuple[Plan, dict, int, float]:
     layers = [l for l in layers if l.bias is not None and _plain(view, l)]
-    tensors, gains = dict(plan.tensors), {}
+    tensors, gains, took = dict(plan.tensors), {}, 0.0
     for l in layers:
         key = ("bias_correction", l.node, _params(tensors[l.weight]), _params(tensors[l.bias]))
         if key not in results:
-            results[key] = _correct(l, view, tensors, stats[l.node])
-        codes, gain = results[key]
+            start = time.perf_counter()
+            results[key] = _correct(l, view, tensors, stats[l.node]) + (time.perf_counter() - start,)
+        codes, gain, seconds = results[key]
+        took += seconds
         if codes is not None:
             tensors[l.bias] = replace(tensors[l.bias], codes=codes)
             gains[l.node] = round(gain, 3)
-    return plan.with_tensors(tensors), gains, len(layers)
+    return plan.with_tensors(tensors), gains, len(layers), took
 
 
 def _correct(l, view: GraphView, tensors, stats: InputStats) -> tuple[str | None, float]:
