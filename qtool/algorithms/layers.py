@@ -67,11 +67,10 @@ class Layer:
 
 def find_layers(plan: Plan, view: GraphView) -> tuple[list[Layer], list[str]]:
     """The plan's quantized Conv/Gemm/MatMul nodes whose weight these algorithms can treat,
-    and one reason per node left out."""
-    readers: dict[str, int] = {}
-    for n in plan.quantized_nodes():
-        for name in view.by_name[n.name].input:
-            readers[name] = readers.get(name, 0) + 1
+    and one reason per node left out. Readers are counted over the whole graph, float nodes and
+    subgraphs included: a float node reads a quantized weight or bias through its DequantizeLinear,
+    so codes fitted to one layer's input would reach it too."""
+    readers = {name: len(users) for name, users in view.consumers.items()}
     layers, skipped = [], []
     for n in plan.quantized_nodes():
         if n.op_type not in ("Conv", "Gemm", "MatMul") or n.fused_into:
@@ -91,7 +90,8 @@ def _layer(name: str, node, plan: Plan, view: GraphView, readers: dict) -> tuple
     if readers.get(w.name, 0) > 1:
         return None, "its weight is shared with another node"
     b = plan.tensors.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    bias = b.name if b is not None and b.role is Role.BIAS and b.action is Action.DERIVE else None
+    bias = b.name if b is not None and b.role is Role.BIAS and b.action is Action.DERIVE \
+        and readers.get(b.name, 0) == 1 else None  # a shared bias is corrected for no one layer
     dims = tuple(view.initializers[w.name].dims)
     conv, rows_t = None, False
     if node.op_type == "Conv":

@@ -57,7 +57,8 @@ def apply(plan: Plan, model, data, batch_size: int, limit: int | None, names, re
     view = GraphView(model)
     layers, skipped = find_layers(plan, view)
     if not layers:
-        return replace(plan, notes=plan.notes + tuple(f"{n}: no quantized Conv/Gemm/MatMul weight to treat"
+        why = f" ({'; '.join(skipped[:3])}{'; ...' if len(skipped) > 3 else ''})" if skipped else ""
+        return replace(plan, notes=plan.notes + tuple(f"{n}: no quantized Conv/Gemm/MatMul weight to treat{why}"
                                                       for n in names))
     reuse = reuse if reuse is not None else Reuse()
     stats, samples = _stats(model, layers, data, batch_size, limit, reuse)
