@@ -42,7 +42,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import GraphView
-from ..qparams import PerAxis, choose_qparams, dequantize, quantize, reduced_bounds, weight_qparams
+from ..qparams import PerAxis, PerTensor, choose_qparams, dequantize, quantize, reduced_bounds, weight_qparams
 from ..types import Precision
 
 GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -229,6 +229,7 @@ class Grids:
     act_symmetric: bool = False
     weight: Precision = Precision.INT8
     weight_bounds: tuple[int, int] | None = None
+    per_channel: bool = True  # weight scales per output channel (--per-channel), else one per weight
 
     @classmethod
     def for_options(cls, options) -> "Grids":
@@ -238,11 +239,12 @@ class Grids:
         saturates = options.target == "cpu" and act.bits == 8 and cpu_saturates_u8s8()
         weight = _weight_precision(options.weight_type, saturates, act, "MatMul")
         bounds = reduced_bounds(weight) if saturates and weight is Precision.INT8 else None
-        return cls(act, options.activation_symmetric, weight, bounds)
+        return cls(act, options.activation_symmetric, weight, bounds, options.per_channel)
 
     @property
     def label(self) -> str:
         w = f"{self.weight.label} (7-bit grid)" if self.weight_bounds else self.weight.label
+        w += "" if self.per_channel else " per tensor"
         return f"{self.act.label} {'symmetric' if self.act_symmetric else 'asymmetric'} activations, {w} weights"
 
 
@@ -394,15 +396,17 @@ def _sqnr(ref: list[np.ndarray], got: list[np.ndarray]) -> list[float]:
 def _simulate(rows: np.ndarray, mn: np.ndarray, mx: np.ndarray, weights: list[np.ndarray],
               s: np.ndarray, grids: Grids) -> list[np.ndarray]:
     """Each layer's output with X/s quantized per tensor (its range: the smoothed min/max, exact for
-    minmax calibration) and s W symmetric per output channel, on ``grids``."""
+    minmax calibration) and s W symmetric per output channel (per tensor without ``grids.per_channel``),
+    on ``grids``."""
     xs = (rows / s).astype(np.float32)
     scale, zp = choose_qparams(float((mn / s).min()), float((mx / s).max()), grids.act, grids.act_symmetric)
     xq = dequantize(quantize(xs, scale, zp, grids.act), scale, zp)
     out = []
     for w in weights:
         ws = (w * s[:, None]).astype(np.float32)
-        wscale, wzp = weight_qparams(ws, grids.weight, PerAxis(1), True, grids.weight_bounds)
-        wq = dequantize(quantize(ws, wscale, wzp, grids.weight, axis=1), wscale, wzp, axis=1)
+        axis = 1 if grids.per_channel else None
+        wscale, wzp = weight_qparams(ws, grids.weight, PerAxis(1) if axis else PerTensor(), True, grids.weight_bounds)
+        wq = dequantize(quantize(ws, wscale, wzp, grids.weight, axis=axis), wscale, wzp, axis=axis)
         out.append(xq.astype(np.float64) @ wq.astype(np.float64))
     return out
 
