@@ -46,6 +46,9 @@ def check_plan(plan: Plan, p: Prepared) -> None:
         raise PlanError("plan was made for another model (model_sha256 differs); plan this model again")
     if not plan.resolved:
         raise PlanError("plan holds decisions only (no scales): save it from `qtool quantize --save-plan`")
+    if plan.smoothquant is not None and "smoothquant" not in plan.algorithms:
+        raise PlanError("plan carries a smoothquant record but its algorithms do not include smoothquant, so the "
+                        "record would be ignored: add \"smoothquant\" to algorithms or drop the record")
     if plan.mode not in PLAN_MODES or plan.format not in ("qdq", "qoperator"):
         raise PlanError(f"plan mode {plan.mode!r} / quant_format {plan.format!r}: expected "
                         f"{'|'.join(PLAN_MODES)}, qdq|qoperator")

@@ -33,3 +33,27 @@ def test_simulated_weights_per_tensor_use_one_scale():
     ref = rows @ w
     # the small columns lose precision per tensor: the two simulations differ, per axis is closer
     assert np.sum((got - ref)[:, :3] ** 2) > 10 * np.sum((per_axis - ref)[:, :3] ** 2)
+
+
+def test_a_plan_with_a_record_but_without_the_algorithm_is_refused(tmp_path):
+    """A hand-edited plan whose smoothquant record its algorithms do not name: one line, exit 2, not
+    a model quietly written without the smoothing the record describes."""
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    import qtool
+    from qtool.cli import main
+    from qtool.config import CalibrateOptions
+    sample = Path(__file__).resolve().parent.parent / "calibration" / "fashion-mnist"
+    r = qtool.quantize(sample / "model.onnx", tmp_path / "q.onnx", data=sample / "calib.npz",
+                       calibrate_options=CalibrateOptions(limit=16))
+    plan = json.loads(r.plan.to_json())
+    plan["smoothquant"] = {"groups": {"/flatten/Flatten_output_0": {"alpha": 0.5, "absmax": [1.0] * 1568,
+                                                                    "gain_db": 1.0}}}
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    out = CliRunner().invoke(main, ["quantize", str(sample / "model.onnx"), "-o", str(tmp_path / "x.onnx"),
+                                    "--plan", str(tmp_path / "p.json")])
+    assert out.exit_code == 2 and "smoothquant record" in out.output and "Traceback" not in out.output, out.output
+    assert not (tmp_path / "x.onnx").exists()
