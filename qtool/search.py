@@ -478,6 +478,9 @@ def quantize_search(model, output, table, data, options: QuantizeOptions, calibr
     from .planner import analyse
     if options.mode != "static":
         raise QtoolError("the accuracy search (--eval-data) needs static mode: drop --mode dynamic")
+    if options.dynamic:  # its candidates are planned without Facts.dynamic: the nodes would silently stay static
+        raise QtoolError("--dynamic is not combined with the accuracy search (--eval-data and the gates) yet: "
+                         "quantize with --dynamic alone, or search without it")
     if sopts.fallback not in FALLBACKS:
         raise QtoolError(f"--fallback must be one of {', '.join(FALLBACKS)}")
     if sopts.fallback == "int16" and options.format == "qoperator":
