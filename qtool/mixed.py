@@ -34,10 +34,9 @@ from .graph import GraphView
 from .plans import Plan
 from .qparams import choose_qparams, dequantize, quantize
 from .resolve import as_array, stored_weight
-from .rules.dynamic import KERNEL, SHARED_KERNEL
+from .rules.dynamic import KERNELS
 from .types import Precision
 
-KERNELS = (KERNEL, SHARED_KERNEL)
 MARGIN_DB = 1.0    # a dynamic input costs one more pass over X (its min/max); ask for a clear gain
 SAMPLES = 64       # calibration samples measured (MiniLM: 64 sentences x 128 tokens, ~10 s on 2 cores)
 

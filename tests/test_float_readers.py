@@ -1,6 +1,7 @@
 """A float node reads a float-produced tensor as it is, not through the DequantizeLinear that its
 quantized readers share (the residual Adds of a transformer read the LayerNorm outputs that the next
-MatMuls quantize): the same graph, less error."""
+MatMuls quantize). The error this saves is measured on MiniLM in docs/design.md (mean cosine
+0.98746 -> 0.99181); here the structure: which reads are raw, and that quantized readers keep theirs."""
 
 import json
 from pathlib import Path

@@ -15,13 +15,12 @@ from onnx import helper
 from ..graph import GraphView, reads_of
 from ..plans import Action, Plan
 from ..resolve import stored_weight
-from ..rules.dynamic import KERNEL, SHARED_KERNEL
+from ..rules.dynamic import KERNELS, SHARED_KERNEL
 from . import qdq
 from .names import Names
 from .weights import initializer, quantize_weight
 
 
-KERNELS = (KERNEL, SHARED_KERNEL)
 
 
 def apply(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:

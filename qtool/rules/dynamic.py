@@ -16,6 +16,7 @@ from .movement import gather
 
 KERNEL = "DynamicQuantizeMatMul"
 SHARED_KERNEL = "MatMulIntegerToFloat"  # after one DynamicQuantizeLinear shared by several MatMuls
+KERNELS = (KERNEL, SHARED_KERNEL)  # every kernel a dynamically quantized MatMul/Gemm becomes
 MIN_MAC_SHARE = 0.01
 
 
