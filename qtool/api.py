@@ -89,9 +89,9 @@ def plan(model: str | Path, table: CalibrationTable | str | Path | None = None,
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
     if "auto" in options.algorithms and table is None:  # without statistics: what needs none
-        options = replace(options, algorithms=tuple(a for a in with_algorithms(options, None, None)[0].algorithms
+        options = replace(options, algorithms=tuple(a for a in with_algorithms(model, options, None, None)[0].algorithms
                                                     if a != "smoothquant"))
-    options, table = with_algorithms(options, None, table)
+    options, table = with_algorithms(model, options, None, table)
     p = prepare(model, options.preprocess, options.algorithms, table.smoothquant if table is not None else None)
     if table is None and options.mode == "static":
         from .subgraphs import body_plans
@@ -187,7 +187,7 @@ def calibrate(model: str | Path, data, options: CalibrateOptions = CalibrateOpti
     quantize are collected, so that a later ``--exclude`` (which can turn a
     shared tensor into one with its own range) works from the same table.
     """
-    quantize_options, _ = with_algorithms(quantize_options, data, None)
+    quantize_options, _ = with_algorithms(model, quantize_options, data, None)
     p = prepare(model, quantize_options.preprocess, quantize_options.algorithms,
                 measure=smoothing_measure(data, options, quantize_options, threads))
     return _calibrate_prepared(p, data, options, quantize_options, on_batch, threads)
@@ -209,17 +209,20 @@ def smoothing_measure(data, options: CalibrateOptions, quantize_options: Quantiz
     return measure
 
 
-def with_algorithms(options: QuantizeOptions, data, table) -> tuple[QuantizeOptions, CalibrationTable | None]:
+def with_algorithms(model, options: QuantizeOptions, data, table) -> tuple[QuantizeOptions, CalibrationTable | None]:
     """``--algorithms auto`` made concrete for this call (qtool.algorithms.choose): a given table
-    (loaded here) fixes the model algorithms, data allows the weight ones. Other lists pass as given."""
+    (loaded here) fixes the model algorithms, data allows the weight ones, the model's ops say
+    whether it is a transformer. Other lists pass as given."""
     from dataclasses import replace
-    from .algorithms import AUTO, choose
+    from .algorithms import AUTO, choose, is_transformer
     if AUTO not in options.algorithms:
         return options, table
     if table is not None and not isinstance(table, CalibrationTable):
         table = CalibrationTable.load(table)
     made = tuple(table.params.get("algorithms", ())) if table is not None else None
-    return replace(options, algorithms=choose(options, data=data is not None, table_algorithms=made)), table
+    transformer = made is None and is_transformer(model_io.load(model, load_external=False).graph)
+    return replace(options, algorithms=choose(options, data=data is not None, table_algorithms=made,
+                                              transformer=transformer)), table
 
 
 def _prepare_for(model, options: QuantizeOptions, table, data, calibrate_options: CalibrateOptions,
@@ -334,7 +337,7 @@ def quantize(model: str | Path, output: str | Path, table: CalibrationTable | st
             raise PlanError(f"the plan was made with --algorithms {','.join(the_plan.algorithms) or 'none'}, "
                             f"not {','.join(options.algorithms)}: the plan carries them, drop the option")
     else:
-        options, table = with_algorithms(options, data, table)
+        options, table = with_algorithms(model, options, data, table)
         the_plan, p, table = _plan_for(model, table, data, options, calibrate_options, method, on_batch)
     result = _apply(the_plan, p.model)
     if p.half is not None:

@@ -317,7 +317,7 @@ def quantize(model, output, table, data, method, mode, fmt, external_data, per_c
                  min_speedup=min_speedup, max_task_drop=max_task_drop)
     if eval_data or any(v is not None for v in gates.values()) or task:
         check_output_path(output, model, table, data, plan_path, eval_data, labels)
-        qopts, table = api.with_algorithms(qopts, data, table)
+        qopts, table = api.with_algorithms(model, qopts, data, table)
         return _search(model, output, table, data, method, qopts, copts, eval_data, labels, task, gates, fallback,
                        best_effort, speed, threads, max_evals, trail_path, plan_path, explain, save_plan)
     stray = _given((("--labels", labels), ("--fallback", fallback), ("--best-effort", best_effort or None),
