@@ -488,6 +488,7 @@ def quantize_search(model, output, table, data, options: QuantizeOptions, calibr
     model_io.check_output_path(output, model)
     if table is None and data is None:
         raise QtoolError("static quantization needs a calibration table (--table) or data (--data)")
+    options, table = api.with_algorithms(model, options, data, table)  # auto made concrete, as quantize does
     api._check_weight_algorithms(options, data)
     p, table = api._prepare_for(model, options, table, data, calibrate_options)
     ds = api.open_data(eval_data, p.model)
