@@ -32,7 +32,7 @@ from .calib.collect import augment
 from .errors import ConfigError, QtoolError
 from .graph import GraphView
 from .plans import Plan
-from .qparams import choose_qparams, dequantize, quantize
+from .qparams import choose_qparams, dequantize, fake_quantize
 from .resolve import as_array, stored_weight
 from .rules.dynamic import KERNELS
 from .types import Precision
@@ -142,10 +142,10 @@ class _Layer:
         x = x.reshape(-1, self.w.shape[0]).astype(np.float32)
         y = x @ self.w
         scale, zp, precision = self.act
-        y_static = dequantize(quantize(x, scale, zp, precision), scale, zp) @ self.w_static
+        y_static = fake_quantize(x, scale, zp, precision) @ self.w_static
         lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)  # DynamicQuantizeLinear: uint8, this run's range
         d_scale, d_zp = choose_qparams(lo, hi, Precision.UINT8, False)
-        y_dynamic = dequantize(quantize(x, d_scale, d_zp, Precision.UINT8), d_scale, d_zp) @ self.w_dynamic
+        y_dynamic = fake_quantize(x, d_scale, d_zp, Precision.UINT8) @ self.w_dynamic
         self.sums += [np.square(y, dtype=np.float64).sum(), np.square(y_static - y, dtype=np.float64).sum(),
                       np.square(y_dynamic - y, dtype=np.float64).sum()]
 

@@ -104,6 +104,11 @@ def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
     return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
 
 
+def fake_quantize(x, scale, zero_point, qtype: Precision, axis: int | None = None) -> np.ndarray:
+    """QuantizeLinear then DequantizeLinear, as onnxruntime computes them: what a Q/DQ pair passes on."""
+    return dequantize(quantize(x, scale, zero_point, qtype, axis), scale, zero_point, axis)
+
+
 def weight_qparams(w: np.ndarray, qtype: Precision, granularity, symmetric: bool = True,
                    bounds: tuple[int, int] | None = None):
     """Per-tensor, per-axis or per-block scale/zero point of a weight from its own min/max.

@@ -42,7 +42,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..graph import GraphView
-from ..qparams import PerAxis, PerTensor, choose_qparams, dequantize, quantize, reduced_bounds, weight_qparams
+from ..qparams import PerAxis, PerTensor, choose_qparams, fake_quantize, reduced_bounds, weight_qparams
 from ..types import Precision
 
 GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -400,13 +400,13 @@ def _simulate(rows: np.ndarray, mn: np.ndarray, mx: np.ndarray, weights: list[np
     on ``grids``."""
     xs = (rows / s).astype(np.float32)
     scale, zp = choose_qparams(float((mn / s).min()), float((mx / s).max()), grids.act, grids.act_symmetric)
-    xq = dequantize(quantize(xs, scale, zp, grids.act), scale, zp)
+    xq = fake_quantize(xs, scale, zp, grids.act)
     out = []
     for w in weights:
         ws = (w * s[:, None]).astype(np.float32)
         axis = 1 if grids.per_channel else None
         wscale, wzp = weight_qparams(ws, grids.weight, PerAxis(1) if axis else PerTensor(), True, grids.weight_bounds)
-        wq = dequantize(quantize(ws, wscale, wzp, grids.weight, axis=axis), wscale, wzp, axis=axis)
+        wq = fake_quantize(ws, wscale, wzp, grids.weight, axis)
         out.append(xq.astype(np.float64) @ wq.astype(np.float64))
     return out
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..qparams import fake_quantize
+
 CANDIDATES = ("minmax", "percentile", "mse", "entropy")
 MARGIN_DB = 0.1  # a clipping candidate must beat minmax's output SNR by more than this (2.3 % less noise)
 
@@ -79,12 +81,6 @@ def candidate_ranges(hist: dict, params: dict) -> dict[str, tuple[float, float]]
     """Every candidate's range from a table histogram (``params``: symmetric, percentile)."""
     from .methods import histogram_range
     return {m: histogram_range(hist, m, params) for m in CANDIDATES}
-
-
-def fake_quantize(x: np.ndarray, scale, zero_point, precision) -> np.ndarray:
-    """QuantizeLinear then DequantizeLinear, as onnxruntime computes them."""
-    from ..qparams import dequantize, quantize
-    return dequantize(quantize(x, scale, zero_point, precision), scale, zero_point)
 
 
 def grids(ranges: dict[str, tuple[float, float]], precision, symmetric: bool) -> dict[str, tuple]:
